@@ -1,0 +1,42 @@
+"""Stacked layers: build N copies with `nnx.vmap`, apply them with `nnx.scan` (one compiled layer body,
+weights stacked on a leading "layers" axis), optionally rematerialised."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+from flax import nnx
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.dots_saveable,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num_layers` independently initialised layers with their parameters stacked on axis 0."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def build(rngs: nnx.Rngs):
+    return make_layer(rngs)
+
+  return build(rngs)
+
+
+def apply(layers: nnx.Module, x, body: Callable, *, remat: str = "none"):
+  """x -> body(layer_i, x) for each stacked layer in order, as one `nnx.scan`."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat: unknown policy {remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+  step = body
+  if remat != "none":
+    step = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def run(layer, carry):
+    return step(layer, carry)
+
+  return run(layers, x)

@@ -1,0 +1,39 @@
+"""Multi-process start-up: `jax.distributed.initialize` from config or environment, before any device use."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from vidlm.config import DistributedConfig
+
+_ENV = {
+  "coordinator_address": "VIDLM_COORDINATOR",
+  "num_processes": "VIDLM_NUM_PROCESSES",
+  "process_id": "VIDLM_PROCESS_ID",
+  "local_device_count": "VIDLM_LOCAL_DEVICE_COUNT",
+}
+
+
+def initialize(cfg: DistributedConfig) -> None:
+  """Initialise JAX's distributed runtime when asked to (config or VIDLM_* env); no-op for one process.
+
+  On CPU, `local_device_count` fakes that many devices per process (tests run 2 processes x 4 devices).
+  """
+  values = {k: getattr(cfg, k) for k in _ENV}
+  for key, env in _ENV.items():
+    if values[key] is None and os.environ.get(env):
+      values[key] = os.environ[env] if key == "coordinator_address" else int(os.environ[env])
+  enabled = cfg.enabled or values["coordinator_address"] is not None
+  if values["local_device_count"]:
+    jax.config.update("jax_num_cpu_devices", values["local_device_count"])
+  if not enabled:
+    return
+  if jax.distributed.is_initialized():
+    return
+  kwargs = {k: values[k] for k in ("coordinator_address", "num_processes", "process_id") if values[k] is not None}
+  if values["local_device_count"]:
+    # CPU multi-process: collectives across processes need gloo
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)

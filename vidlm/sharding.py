@@ -1,0 +1,95 @@
+"""Device mesh, the one logical-axis rules table, and activation constraints.
+
+Mesh axes are always ("data", "fsdp", "seq", "tensor"). Weights carry logical names
+(`nnx.with_partitioning`) and activations are constrained with `constrain(x, names)`; both resolve through
+`RULES`. Weights are FSDP-sharded over ("fsdp", "seq") so that ring (context-parallel) devices also hold
+weight shards; activations keep their tokens on "seq" and batch on ("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from vidlm.config import ConfigError, MeshConfig, resolve_mesh_shape
+
+AXES = ("data", "fsdp", "seq", "tensor")
+
+# logical name -> mesh axis / axes / None. The one table.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+  ("batch", ("data", "fsdp")),
+  ("tokens", "seq"),
+  ("frames", None),
+  ("embed", ("fsdp", "seq")),  # weights' model dim: FSDP over fsdp x seq
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("vocab", "tensor"),
+  ("memory", None),
+  ("layers", None),
+  ("patch", None),
+)
+_RULES = dict(RULES)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+  """Mesh over all (or the given) devices with Auto axis types; -1 fills one axis."""
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(cfg, len(devices))
+  if shape[0] * shape[1] * shape[2] * shape[3] != len(devices):
+    raise ConfigError(f"config.mesh: {dict(zip(AXES, shape))} needs {shape} devices but {len(devices)} exist")
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def logical_to_spec(names: tuple[str | None, ...]) -> P:
+  """PartitionSpec for logical names. A mesh axis already used by an earlier dim is dropped, so an
+  activation [batch, tokens, embed] becomes P(("data","fsdp"), "seq", None) while a weight [embed, mlp]
+  becomes P(("fsdp","seq"), "tensor")."""
+  used: set[str] = set()
+  spec = []
+  for name in names:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in _RULES:
+      raise KeyError(f"sharding: unknown logical axis {name!r}; known: {sorted(_RULES)}")
+    axes = _RULES[name]
+    axes = (axes,) if isinstance(axes, str) else (axes or ())
+    free = tuple(a for a in axes if a not in used)
+    used.update(free)
+    spec.append(free if len(free) > 1 else (free[0] if free else None))
+  return P(*spec)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Sharding constraint for an activation, by logical names; a no-op outside a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def named(mesh, names: tuple[str | None, ...]) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(names))
+
+
+def flax_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """RULES in the form `nnx.logical_axis_rules` expects."""
+  return RULES
+
+
+def batch_sharding(mesh, ndim: int) -> NamedSharding:
+  """Examples over ("data", "fsdp"), everything else replicated."""
+  return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def describe(state) -> str:
+  """A short table of parameter paths, shapes and specs (logged at start)."""
+  rows = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    if not hasattr(leaf, "shape"):
+      continue
+    spec = getattr(getattr(leaf, "sharding", None), "spec", None)
+    rows.append(f"{jax.tree_util.keystr(path):<70} {str(tuple(leaf.shape)):<22} {spec}")
+  return "\n".join(rows)

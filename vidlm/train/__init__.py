@@ -1,0 +1,1 @@
+"""Training: optimizer from config, jit'd steps, orbax checkpoints, metrics writers, the loop."""

@@ -1,0 +1,185 @@
+"""The training loop: build, restore, step, log, checkpoint, stop cleanly.
+
+Resume is exact: model, optimizer and data-iterator state come back together, so a resumed run sees the
+batches an uninterrupted run would have seen (tests/vidlm/test_resume.py). SIGTERM saves a checkpoint at the
+current step and returns normally (exit 0), which is what preemptible schedulers expect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from vidlm import config as config_lib
+from vidlm import sharding
+from vidlm.models import build_model
+from vidlm.train import optim
+from vidlm.train import step as step_lib
+from vidlm.train.checkpoint import Checkpointer
+from vidlm.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss became NaN/inf; the message names the step and the batch."""
+
+
+def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> global arrays sharded over ("data", "fsdp") on the example axis."""
+  out = {}
+  for k, x in local.items():
+    x = np.asarray(x)
+    global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, global_shape)
+  return out
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+class Trainer:
+  """Holds the run's pieces so the CLI, notebooks and tests drive the same code."""
+
+  def __init__(self, cfg: config_lib.Config, workdir: str | Path):
+    self.cfg = config_lib.validate(cfg, jax.device_count())
+    self.workdir = Path(workdir)
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    with self.activate():
+      model = build_model(cfg, nnx.Rngs(cfg.train.seed))
+      optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg.train), wrt=nnx.Param)
+      self.graphdef, self.state = nnx.split((model, optimizer))
+    self.schedule = optim.learning_rate_schedule(cfg.train)
+    self.train_step = jax.jit(
+      step_lib.make_train_step(self.graphdef, cfg.train.grad_accum, self.schedule), donate_argnums=0
+    )
+    self.eval_step = jax.jit(step_lib.make_eval_step(self.graphdef))
+    self.seq_len = config_lib.sequence_length(cfg)
+
+  def activate(self):
+    """Mesh + logical rules context under which the model's shardings resolve."""
+    import contextlib  # noqa: PLC0415
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nnx.logical_axis_rules(sharding.RULES))
+    return stack
+
+  @property
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.graphdef, self.state)[0]
+
+  def data_iterator(self, split: str, *, epochs: int | None = None):
+    from vidlm.data import pipeline  # noqa: PLC0415  (grain is imported lazily)
+
+    return pipeline.make_iterator(
+      self.cfg.data,
+      split=split,
+      global_batch_size=self.cfg.train.batch_size if split == "train" else self.cfg.eval.batch_size,
+      seed=self.cfg.train.seed,
+      workdir=str(self.workdir),
+      num_epochs=epochs,
+    )
+
+  def evaluate_loss(self, max_batches: int | None = None) -> dict[str, float]:
+    """Held-out loss / token accuracy / exact match over `eval.batches` batches of the eval split."""
+    max_batches = self.cfg.eval.batches if max_batches is None else max_batches
+    totals = None
+    with self.activate():
+      for i, local in enumerate(self.data_iterator("eval", epochs=1)):
+        if i >= max_batches:
+          break
+        sums = self.eval_step(self.state, global_batch(self.mesh, _model_inputs(local)))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    if totals is None:
+      raise RuntimeError("evaluation: the eval split produced no batch (data.num_eval < eval.batch_size?)")
+    return {k: float(v) for k, v in step_lib.summarise(totals).items()}
+
+  def train(self) -> dict[str, float]:
+    cfg, workdir = self.cfg, self.workdir
+    is_main = jax.process_index() == 0
+    if is_main:
+      workdir.mkdir(parents=True, exist_ok=True)
+      (workdir / "config.json").write_text(config_lib.to_json(cfg))
+    data_iter = self.data_iterator("train")
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    restored = ckpt.restore(self.state, data_iter)
+    if restored is None and cfg.checkpoint.restore_from:
+      restored = Checkpointer(cfg.checkpoint.restore_from, cfg.checkpoint).restore(self.state, data_iter)
+    start = restored[0] if restored else 0
+    if restored:
+      log.info("resumed from step %d", start)
+    writer = MetricWriter(workdir, total_steps=cfg.train.steps, progress_bar=cfg.train.progress_bar, start_step=start)
+    order_log = open(workdir / "data_order.jsonl", "a") if is_main else None  # noqa: SIM115
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    tokens_per_step = cfg.train.batch_size * self.seq_len
+    last = {}
+    t_start, steps_timed = None, 0
+    step = start
+    try:
+      with self.activate():
+        while step < cfg.train.steps:
+          local = next(data_iter)
+          batch = global_batch(self.mesh, _model_inputs(local))
+          self.state, metrics = self.train_step(self.state, batch)
+          metrics = jax.device_get(metrics)
+          step += 1
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):
+            ids = gather_to_host(batch["index"]).tolist() if "index" in batch else "?"
+            raise TrainingDiverged(f"step {step}: loss is {loss}; stopping (batch example indices {ids})")
+          if t_start is None:  # exclude the compile step from throughput
+            t_start = time.perf_counter()
+          else:
+            steps_timed += 1
+          elapsed = time.perf_counter() - t_start
+          rates = {}
+          if steps_timed:
+            rates = {"steps_per_s": steps_timed / elapsed, "tokens_per_s": steps_timed * tokens_per_step / elapsed}
+          last = {**{k: float(v) for k, v in metrics.items()}, **rates}
+          if order_log is not None and "index" in batch:
+            order_log.write(json.dumps({"step": step, "index": gather_to_host(batch["index"]).tolist()}) + "\n")
+            order_log.flush()
+          elif "index" in batch:
+            gather_to_host(batch["index"])  # collective: every process joins
+          if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            writer.write(step, last)
+          writer.progress(step, {"loss": loss, **rates})
+          if cfg.eval.every and step % cfg.eval.every == 0:
+            writer.write(step, self.evaluate_loss(), prefix="eval")
+          if stop["signal"] is not None:
+            ckpt.save(step, self.state, data_iter, wait=True)
+            log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
+            print(f"SIGTERM received: checkpoint saved at step {step}", flush=True)
+            return {"step": step, "stopped": 1.0, **last}
+          if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            ckpt.save(step, self.state, data_iter)
+      if not ckpt.steps() or ckpt.steps()[-1] != step:
+        ckpt.save(step, self.state, data_iter)
+      ckpt.wait()
+      return {"step": step, **last}
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      writer.close()
+      if order_log is not None:
+        order_log.close()
+      ckpt.close()
+
+
+_MODEL_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
+
+
+def _model_inputs(local: dict) -> dict[str, np.ndarray]:
+  return {k: local[k] for k in _MODEL_KEYS if k in local}
