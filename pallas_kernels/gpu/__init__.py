@@ -1,0 +1,1 @@
+"""Mosaic GPU (Hopper) kernels. Import submodules explicitly (`from pallas_kernels.gpu import flash`)."""
