@@ -1,0 +1,362 @@
+"""The one entry point the rest of the code imports for attention kernels: platform dispatch + custom_vjp.
+
+`flash_attention` and `block_sparse_attention` implement the attention contract (DESIGN section 3) with a
+kernel forward *and* a kernel backward on every platform:
+
+  backend     forward / backward                                        chosen by default on
+  "gpu"       pallas_kernels.gpu.flash (Mosaic GPU) when it `supports`   gpu
+              the inputs, else the dense reference (one-time warning)
+  "tpu"       pallas_kernels.tpu.flash (pallas_call + scalar prefetch)   tpu
+  "interpret" the TPU kernels in Pallas interpret mode                   cpu   (slow; for tests and debugging)
+  "reference" dense fp32 math from reference.py (O(T * S) memory)        never (explicit only)
+
+Both functions return `out` and, with `return_lse=True`, the fp32 log-sum-exp. The lse is differentiable:
+ring attention merges hops through (out, lse) and differentiates through the merge, so the backward takes
+the lse cotangent too (it only shifts the per-row delta: dS = P * (dP - delta + dlse)).
+
+Residuals are (inputs, out, lse), tagged with `checkpoint_name` ("flash_out", "flash_lse") so a remat policy
+such as `jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse")` keeps them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from pallas_kernels import reference
+from pallas_kernels.layout import BlockLayout, MaskSpec
+from pallas_kernels.tpu import flash as tpu_flash
+
+Backend = Literal["gpu", "tpu", "interpret", "reference"]
+BACKENDS: tuple[str, ...] = ("gpu", "tpu", "interpret", "reference")
+_TPU_BLOCKS = (128, 64, 32, 16, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend plumbing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def default_backend() -> str:
+  """The backend `flash_attention` uses when none is given: the kernel for the platform, interpret on CPU."""
+  platform = jax.default_backend()
+  return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "interpret")
+
+
+def _gpu_module():
+  """The Mosaic GPU kernels, or None when they cannot be imported (e.g. a jax build without Mosaic GPU)."""
+  try:
+    from pallas_kernels.gpu import flash as gpu_flash  # noqa: PLC0415
+  except Exception as e:  # noqa: BLE001  (any import failure means "no GPU kernel": fall back loudly)
+    _warn_once(f"pallas_kernels.ops: GPU flash kernels unavailable ({type(e).__name__}: {e}); using the reference")
+    return None
+  for name in ("flash_forward", "flash_backward", "supports"):
+    if not hasattr(gpu_flash, name):
+      _warn_once(f"pallas_kernels.ops: pallas_kernels.gpu.flash has no {name}(); using the reference")
+      return None
+  return gpu_flash
+
+
+def _accepts(fn, name: str) -> bool:
+  try:
+    params = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _tpu_config(t: int, s: int, config, layout: BlockLayout | None) -> tpu_flash.TpuFlashConfig | None:
+  """Block sizes for the TPU/interpret kernels: the caller's config, else the largest dividing blocks."""
+  if config is not None and not isinstance(config, tpu_flash.TpuFlashConfig):
+    raise TypeError(f"flash_attention(config=...): the tpu/interpret backends take a TpuFlashConfig, got {config!r}")
+  if config is not None or layout is not None:
+    return config
+
+  def pick(n: int) -> int | None:
+    if n <= _TPU_BLOCKS[0]:
+      return n
+    return next((b for b in _TPU_BLOCKS if n % b == 0), None)
+
+  bq, bk = pick(t), pick(s)
+  if bq is None or bk is None:
+    return None
+  return tpu_flash.TpuFlashConfig(block_q=bq, block_kv=bk)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call (hashable: the custom_vjp's nondiff argument)."""
+
+  backend: str  # resolved: "gpu" | "tpu" | "interpret" | "reference"
+  mask: MaskSpec
+  scale: float
+  config: Any
+
+
+def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config) -> _Static:
+  """Resolve the backend for these shapes, falling back to the reference (with a warning) where needed."""
+  backend = default_backend() if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"flash_attention(backend={backend!r}): expected one of {BACKENDS}")
+  if backend == "gpu":
+    gpu = _gpu_module()
+    if gpu is not None and layout is not None and not _accepts(gpu.flash_forward, "layout"):
+      _warn_once(
+        "pallas_kernels.ops: the GPU kernels take no BlockLayout yet; block-sparse runs on the dense reference"
+      )
+      gpu = None
+    if gpu is not None:
+      kw = {"config": config} if config is not None else {}
+      if layout is not None and _accepts(gpu.supports, "layout"):
+        kw["layout"] = layout
+      try:
+        ok = bool(gpu.supports(q, k, v, segment_ids, mask, **kw))
+      except Exception as e:  # noqa: BLE001
+        _warn_once(f"pallas_kernels.ops: gpu.flash.supports raised {type(e).__name__}: {e}")
+        ok = False
+      if ok:
+        return _Static("gpu", mask, scale, config)
+      _warn_once(
+        f"pallas_kernels.ops: the GPU flash kernel does not support q{tuple(q.shape)} {q.dtype}, "
+        f"k{tuple(k.shape)}, mask={mask}; falling back to the dense reference (O(T*S) memory, slow)"
+      )
+    return _Static("reference", mask, scale, None)
+  if backend in ("tpu", "interpret"):
+    cfg = _tpu_config(q.shape[1], k.shape[1], config, layout)
+    if tpu_flash.supports(q, k, v, segment_ids, mask, layout=layout, config=cfg):
+      return _Static(backend, mask, scale, cfg)
+    _warn_once(
+      f"pallas_kernels.ops: lengths T={q.shape[1]}, S={k.shape[1]} are not multiples of the TPU kernel's "
+      "blocks (pass config=TpuFlashConfig(...) or pad the sequence); falling back to the dense reference"
+    )
+    return _Static("reference", mask, scale, None)
+  return _Static("reference", mask, scale, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dense reference backward (fallback and "reference" backend)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reference_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse, *, mask, scale):
+  """Exact dense gradients from the same formulas the kernels use (fp32, O(T * S) memory)."""
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
+  hi = jax.lax.Precision.HIGHEST
+  qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  dof = dout.astype(jnp.float32).reshape(b, t, hkv, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qf, kf, precision=hi) * scale
+  vis = reference.visibility(t, s, mask=mask, segment_ids=segment_ids, layout=layout)
+  vis = jnp.broadcast_to(vis, (b, hq, t, s)).reshape(b, hkv, g, t, s)
+  lse_f = lse.astype(jnp.float32).reshape(b, hkv, g, t)
+  lse_safe = jnp.where(jnp.isfinite(lse_f), lse_f, 0.0)
+  p = jnp.where(vis, jnp.exp(logits - lse_safe[..., None]), 0.0)
+  delta = jnp.einsum("btkgd,btkgd->bkgt", out.astype(jnp.float32).reshape(b, t, hkv, g, d), dof, precision=hi)
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32).reshape(b, hkv, g, t)
+  dv = jnp.einsum("bkgts,btkgd->bskd", p, dof, precision=hi)
+  dp = jnp.einsum("btkgd,bskd->bkgts", dof, vf, precision=hi)
+  ds = p * (dp - delta[..., None])
+  dq = jnp.einsum("bkgts,bskd->btkgd", ds, kf, precision=hi).reshape(b, t, hq, d) * scale
+  dk = jnp.einsum("bkgts,btkgd->bskd", ds, qf, precision=hi) * scale
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward / backward dispatch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _forward(st: _Static, q, k, v, segment_ids, layout):
+  if st.backend == "reference":
+    return reference.attention(
+      q, k, v, mask=st.mask, segment_ids=segment_ids, layout=layout, scale=st.scale, return_lse=True
+    )
+  if st.backend == "gpu":
+    gpu = _gpu_module()
+    kw = {"layout": layout} if layout is not None else {}
+    return gpu.flash_forward(q, k, v, segment_ids, mask=st.mask, scale=st.scale, config=st.config, **kw)
+  return tpu_flash.flash_forward(
+    q,
+    k,
+    v,
+    segment_ids,
+    mask=st.mask,
+    scale=st.scale,
+    layout=layout,
+    interpret=st.backend == "interpret",
+    config=st.config,
+  )
+
+
+def _backward(st: _Static, q, k, v, segment_ids, layout, out, lse, dout, dlse):
+  kw = dict(mask=st.mask, scale=st.scale)
+  if st.backend == "gpu":
+    gpu = _gpu_module()
+    if dlse is None or _accepts(gpu.flash_backward, "dlse"):
+      extra = {"dlse": dlse} if dlse is not None else {}
+      if layout is not None:
+        extra["layout"] = layout
+      return gpu.flash_backward(q, k, v, segment_ids, out, lse, dout, config=st.config, **kw, **extra)
+    _warn_once(
+      "pallas_kernels.ops: gpu.flash.flash_backward takes no dlse; the lse gradient (return_lse=True) is "
+      "computed with the dense reference backward"
+    )
+  if st.backend in ("tpu", "interpret"):
+    return tpu_flash.flash_backward(
+      q,
+      k,
+      v,
+      segment_ids,
+      out,
+      lse,
+      dout,
+      layout=layout,
+      dlse=dlse,
+      interpret=st.backend == "interpret",
+      config=st.config,
+      **kw,
+    )
+  return _reference_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse, **kw)
+
+
+def _zero_cotangent(x):
+  """Cotangent for integer pytrees (segment ids, layouts): float0 zeros."""
+  return jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jax.dtypes.float0), x)
+
+
+def _fwd_common(st, q, k, v, segment_ids, layout):
+  out, lse = _forward(st, q, k, v, segment_ids, layout)
+  out = checkpoint_name(out, "flash_out")
+  lse = checkpoint_name(lse, "flash_lse")
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attn_out(q, k, v, segment_ids, layout, st: _Static):
+  return _forward(st, q, k, v, segment_ids, layout)[0]
+
+
+def _attn_out_fwd(q, k, v, segment_ids, layout, st):
+  out, lse = _fwd_common(st, q, k, v, segment_ids, layout)
+  return out, (q, k, v, segment_ids, layout, out, lse)
+
+
+def _attn_out_bwd(st, res, dout):
+  q, k, v, segment_ids, layout, out, lse = res
+  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, None)
+  return dq, dk, dv, _zero_cotangent(segment_ids), _zero_cotangent(layout)
+
+
+_attn_out.defvjp(_attn_out_fwd, _attn_out_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attn_lse(q, k, v, segment_ids, layout, st: _Static):
+  return _forward(st, q, k, v, segment_ids, layout)
+
+
+def _attn_lse_fwd(q, k, v, segment_ids, layout, st):
+  out, lse = _fwd_common(st, q, k, v, segment_ids, layout)
+  return (out, lse), (q, k, v, segment_ids, layout, out, lse)
+
+
+def _attn_lse_bwd(st, res, cts):
+  q, k, v, segment_ids, layout, out, lse = res
+  dout, dlse = cts
+  # rows with lse = -inf saw no key: their lse does not depend on the inputs
+  dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, dlse)
+  return dq, dk, dv, _zero_cotangent(segment_ids), _zero_cotangent(layout)
+
+
+_attn_lse.defvjp(_attn_lse_fwd, _attn_lse_bwd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: MaskSpec = MaskSpec(),
+  segment_ids: tuple[jax.Array, jax.Array] | None = None,
+  layout: BlockLayout | None = None,
+  scale: float | None = None,
+  return_lse: bool = False,
+  backend: Backend | None = None,
+  config: Any = None,
+):
+  """Flash attention: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> out [B, T, Hq, D] (+ lse [B, Hq, T] fp32).
+
+  Args:
+    mask: `MaskSpec`, evaluated per tile inside the kernel (never materialised).
+    segment_ids: ([B, T], [B, S]) int32; tokens attend only within equal ids.
+    layout: optional `BlockLayout` restricting the kv blocks of each q block (see `block_sparse_attention`).
+    scale: softmax scale, default 1/sqrt(D).
+    return_lse: also return the (differentiable) log-sum-exp; -inf on rows that see no key.
+    backend: "gpu" | "tpu" | "interpret" | "reference"; default: the platform's kernel (interpret on CPU).
+    config: backend block sizes (`TpuFlashConfig` for tpu/interpret, the GPU module's `FlashConfig`).
+  """
+  reference.check_shapes(q, k, v, segment_ids)
+  if not isinstance(mask, MaskSpec):
+    raise TypeError(f"flash_attention(mask=...): expected a MaskSpec, got {type(mask).__name__}")
+  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  if segment_ids is not None:
+    segment_ids = tuple(jnp.asarray(x, jnp.int32) for x in segment_ids)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  if return_lse:
+    return _attn_lse(q, k, v, segment_ids, layout, st)
+  return _attn_out(q, k, v, segment_ids, layout, st)
+
+
+def block_sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: MaskSpec = MaskSpec(),
+  layout: BlockLayout,
+  segment_ids: tuple[jax.Array, jax.Array] | None = None,
+  scale: float | None = None,
+  return_lse: bool = False,
+  backend: Backend | None = None,
+  config: Any = None,
+):
+  """Block-sparse attention: like `flash_attention`, computing only the kv blocks `layout` lists.
+
+  An element is visible iff its tile is listed AND the mask (and segment ids) allow it, matching
+  `reference.attention(..., layout=layout)`. T and S must be multiples of the layout's blocks.
+  """
+  if layout is None:
+    raise ValueError("block_sparse_attention: layout is required (build one with layers.sparse or BlockLayout)")
+  return flash_attention(
+    q,
+    k,
+    v,
+    mask=mask,
+    segment_ids=segment_ids,
+    layout=layout,
+    scale=scale,
+    return_lse=return_lse,
+    backend=backend,
+    config=config,
+  )
