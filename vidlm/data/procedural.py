@@ -168,17 +168,23 @@ class _Scene:
       _blit(out, mask, color, int(y), int(x))
 
 
-def render_haystack(rng: np.random.Generator, frames: int, height: int, width: int) -> tuple[np.ndarray, list[int]]:
-  """Haystack video uint8 [F, H, W, 3] and the frames where a hard cut starts a new scene."""
+def sample_cuts(rng: np.random.Generator, frames: int) -> list[int]:
+  """Frames that start a new scene (hard cuts): each boundary cuts with probability 1 / MEAN_SCENE_FRAMES."""
+  return [t for t in range(1, frames) if rng.random() < 1.0 / MEAN_SCENE_FRAMES]
+
+
+def render_haystack(
+  rng: np.random.Generator, frames: int, height: int, width: int, cuts: list[int]
+) -> np.ndarray:
+  """Haystack video uint8 [F, H, W, 3]: a fresh scene starts at frame 0 and at every frame in `cuts`."""
   video = np.empty((frames, height, width, 3), np.uint8)
-  cuts = [t for t in range(1, frames) if rng.random() < 1.0 / MEAN_SCENE_FRAMES]
   starts = [0, *cuts]
   ends = [*cuts, frames]
   for s, e in zip(starts, ends):
     scene = _Scene(rng, height, width)
     for t in range(s, e):
       scene.render(t - s, video[t])
-  return video, cuts
+  return video
 
 
 def _patch_scale(height: int, width: int) -> int:
@@ -316,13 +322,26 @@ def make_example(
   needles) and asked_frames (those of the asked needles), sorted list[int]; cut_frames (haystack cuts); tier;
   index; and tokens/targets int32 [text_len], loss_mask float32 [text_len] from `tokenizer.qa_arrays`.
   """
+  return _build(seed, index, frames=frames, height=height, width=width, tier=tier, depth=depth,
+                num_needles=num_needles, num_asked=num_asked, text_len=text_len)
+
+
+def _build(seed: int, index: int, *, frames: int, height: int, width: int, tier: str, depth: float | None,
+           num_needles: int, num_asked: int, text_len: int, keep_haystack: bool = False) -> dict:
+  """make_example's body; keep_haystack=True adds the needle-free video (for tests that locate the needles)."""
   validate(frames=frames, height=height, width=width, tier=tier, num_needles=num_needles, num_asked=num_asked)
   if depth is not None and not 0.0 <= depth <= 1.0:
     raise ValueError(f"depth={depth} must be in [0, 1]")
   rng = np.random.default_rng([seed, index, TIERS.index(tier)])
-  video, cuts = render_haystack(rng, frames, height, width)
   n = NEEDLE_LEN[tier]
+  cuts = sample_cuts(rng, frames)
   starts, pinned = _place_needles(rng, frames, n, num_needles, depth)
+  if tier in ("b", "c"):
+    # These needles live inside an ongoing scene: keep the scene running from the frame before the needle to
+    # the frame after it, so no cut coincides with (or hides) the needle.
+    cuts = [c for c in cuts if not any(s <= c <= s + n for s in starts)]
+  video = render_haystack(rng, frames, height, width, cuts)
+  haystack = video.copy() if keep_haystack else None
   if tier == "c":
     codes = [("left", "right")[int(rng.integers(2))] for _ in starts]
   else:
@@ -342,7 +361,7 @@ def make_example(
   else:
     question = _QUESTIONS_MANY[tier].format(",".join(str(i + 1) for i in asked))
   answer = " ".join(codes[i] for i in asked)
-  return {
+  out = {
     "frames": video,
     "question": question,
     "answer": answer,
@@ -353,6 +372,9 @@ def make_example(
     "index": int(index),
     **tokenizer.qa_arrays(question, answer, text_len),
   }
+  if keep_haystack:
+    out["haystack"] = haystack
+  return out
 
 
 def example_from_config(data_cfg, split: str, index: int) -> dict:

@@ -118,14 +118,19 @@ def write_shards(
     for i in range(num_shards)
   ]
   count = 0
+  per_file = [0] * num_shards
   try:
     for example in tqdm(examples, total=total, disable=not progress, desc=desc, unit="clip"):
-      shard = count // per_shard if per_shard else count % num_shards
-      writers[min(shard, num_shards - 1)].write(encode_record(example))
+      shard = min(count // per_shard if per_shard else count % num_shards, num_shards - 1)
+      writers[shard].write(encode_record(example))
+      per_file[shard] += 1
       count += 1
   finally:
     for w in writers:
       w.close()
+  for path, n in zip(shard_paths(out), per_file):
+    if n == 0:  # fewer examples than shards (unknown length): drop the empty files
+      os.remove(path)
   meta = {"format": FORMAT, "num_records": count, "num_shards": num_shards, **(metadata or {})}
   with open(out / METADATA_FILE, "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
