@@ -137,6 +137,9 @@ def test_batch_size_must_divide_by_process_count(workdir):
   with pytest.raises(ValueError, match="train.batch_size"):
     pipeline.make_iterator(Data(), split="train", global_batch_size=6, seed=0, workdir=workdir,
                            process_index=0, process_count=4)
+  with pytest.raises(ValueError, match="eval.batch_size"):
+    pipeline.make_iterator(Data(), split="eval", global_batch_size=6, seed=0, workdir=workdir,
+                           process_index=0, process_count=4)
   with pytest.raises(ValueError, match="data.num_eval"):
     pipeline.make_iterator(Data(), split="eval", global_batch_size=32, seed=0, workdir=workdir,
                            process_index=0, process_count=1)

@@ -25,7 +25,7 @@ import numpy as np
 
 from vidlm.data import procedural, records
 
-GENERATOR_VERSION = 1  # bump when procedural.py output changes, so cached shards are regenerated
+GENERATOR_VERSION = 2  # bump when procedural.py output changes, so cached shards are regenerated
 BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
 
 
@@ -189,14 +189,16 @@ def make_iterator(
   """
   process_index, process_count = _process_info(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f"train.batch_size={global_batch_size} must be a positive multiple of the process count "
+    field = "train.batch_size" if split == "train" else "eval.batch_size"
+    raise ValueError(f"{field}={global_batch_size} must be a positive multiple of the process count "
                      f"({process_count})")
   local = global_batch_size // process_count
   ds = make_dataset(data_cfg, split=split, seed=seed, workdir=workdir, process_index=process_index,
                     process_count=process_count, num_epochs=num_epochs)
   if len(ds) < local:
+    which = "train" if split == "train" else "eval"
     raise ValueError(f"split {split!r} gives {len(ds)} examples per process, fewer than one batch of {local} "
-                     f"(raise data.num_{'train' if split == 'train' else 'eval'} or lower train.batch_size)")
+                     f"(raise data.num_{which} or lower {which}.batch_size)")
   ds = ds.batch(local, drop_remainder=True)
   prefetch = max(0, int(data_cfg.prefetch))
   # Two threads suit a 2-core host; decode is zlib + copies, which release the GIL for most of their time.

@@ -126,16 +126,16 @@ class _Scene:
   def __init__(self, rng: np.random.Generator, H: int, W: int):
     self.H, self.W = H, W
     gh, gw = int(rng.integers(2, 9)), int(rng.integers(2, 9))
-    base = rng.uniform(20, 200, size=3)
-    grid = base + rng.uniform(15, 60) * rng.standard_normal((gh, gw, 3))
+    base = rng.uniform(20, 200, size=3).astype(np.float32)
+    grid = base + np.float32(rng.uniform(15, 60)) * rng.standard_normal((gh, gw, 3), dtype=np.float32)
     tex = grid[(np.arange(H) * gh // H)[:, None], (np.arange(W) * gw // W)[None, :]]
     if rng.random() < 0.5:  # diagonal or straight stripes
       period = int(rng.integers(3, 9))
       dy, dx = rng.integers(0, 2, size=2) * 2 - 1 if rng.random() < 0.5 else (1, 0)
       stripes = ((np.arange(H)[:, None] * dy + np.arange(W)[None, :] * dx) // period) % 2
-      tex = tex + stripes[..., None] * rng.uniform(10, 40)
-    tex = tex + rng.normal(0.0, 6.0, size=tex.shape)
-    tex = np.clip(tex, 0, 255).astype(np.uint8)
+      tex += stripes[..., None].astype(np.float32) * np.float32(rng.uniform(10, 40))
+    tex += np.float32(6.0) * rng.standard_normal(tex.shape, dtype=np.float32)
+    tex = np.clip(tex, 0, 255, out=tex).astype(np.uint8)
     self.big = np.tile(tex, (2, 2, 1))  # periodic, so any H x W window at offsets in [0, H) x [0, W) is valid
     speed = max(1, H // 32)
     self.off = rng.integers(0, (H, W))
