@@ -92,6 +92,8 @@ def ensure_generated(data_cfg, split: str, out_dir: str | os.PathLike, *, progre
       examples = (procedural.example_from_config(data_cfg, split, i) for i in range(n))
       records.write_shards(examples, tmp, num_shards=max(1, min(8, n // 512)), progress=progress, total=n,
                            metadata=want, desc=f"generating niavh/{split}")
+      if _matches(out, want):  # another host finished first (flock does not span hosts on every filesystem)
+        return str(out)
       if out.exists():
         stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
         os.rename(out, stale)
