@@ -25,7 +25,7 @@ import numpy as np
 
 from vidlm.data import procedural, records
 
-GENERATOR_VERSION = 2  # bump when procedural.py output changes, so cached shards are regenerated
+GENERATOR_VERSION = 3  # bump when procedural.py output changes, so cached shards are regenerated
 BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
 
 

@@ -37,10 +37,15 @@ _QUESTIONS_ONE = {
   "b": "Code in the small patch?",
   "c": "Marker moved which way?",
 }
-_QUESTIONS_MANY = {
+_QUESTIONS_MANY = {  # several asked, by 1-based temporal ordinal
   "a": "Codes on needle frames {}?",
   "b": "Codes in small patches {}?",
   "c": "Marker moves {}: which way?",
+}
+_QUESTIONS_PICK = {  # one of several asked
+  "a": "Code on needle frame {}?",
+  "b": "Code in small patch {}?",
+  "c": "Marker move {}: which way?",
 }
 
 _DIGITS_5X7 = (
@@ -359,7 +364,8 @@ def _build(seed: int, index: int, *, frames: int, height: int, width: int, tier:
   if num_needles == 1:
     question = _QUESTIONS_ONE[tier]
   else:
-    question = _QUESTIONS_MANY[tier].format(",".join(str(i + 1) for i in asked))
+    template = _QUESTIONS_MANY[tier] if num_asked > 1 else _QUESTIONS_PICK[tier]
+    question = template.format(",".join(str(i + 1) for i in asked))
   answer = " ".join(codes[i] for i in asked)
   out = {
     "frames": video,
