@@ -133,6 +133,11 @@ def test_multi_needle_k_inserted_m_asked():
   assert ex["question"] == f"Codes on needle frames {ordinals[0]},{ordinals[1]}?"
   assert ex["answer"] == " ".join(codes[o - 1] for o in ordinals)
   check_text(ex)
+  one = build("a", 0.2, num_needles=3, num_asked=1, text_len=48, index=8)
+  ordinal = one["needle_frames"].index(round((F - 1) * 0.2)) + 1
+  assert one["asked_frames"] == [round((F - 1) * 0.2)]
+  assert one["question"] == f"Code on needle frame {ordinal}?"
+  assert one["answer"] == read_full_frame_code(one["frames"][one["asked_frames"][0]])
   for tier in "bc":
     ex = build(tier, None, num_needles=3, num_asked=2, text_len=48, index=6)
     n = P.NEEDLE_LEN[tier]
