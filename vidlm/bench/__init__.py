@@ -1,0 +1,1 @@
+"""Benchmarks behind `vidlm bench ...`; each module exposes `main(argv) -> int`."""
