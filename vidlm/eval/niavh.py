@@ -1,0 +1,117 @@
+"""Needle in a video haystack: exact match over a grid of context lengths x needle depths x seeds, per tier.
+
+Protocol (memory_streaming.md section 3, scaled to the demo): for each tier in `eval.tiers`, each length
+`data.frames * m` for m in `eval.length_multipliers`, each depth in `eval.depths` and seeds 0..`eval.seeds`-1,
+example `seed` of the "niavh" split is generated with its (first asked) needle pinned at
+round((F - needle_len) * depth). The haystack depends on (seed, length, tier) but not on the depth, so a row of
+the heat map moves one needle through one video, as in LWM's and MM-NIAVH's grids. Scoring is exact match of the
+whole answer (greedy-equivalent, see scoring.py).
+
+Writes `<workdir>/eval/niavh.json` and one heat map per tier, `<workdir>/eval/niavh_<tier>.png`
+(rows = depth, columns = context length, colour = exact match over seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from vidlm import config as config_lib
+from vidlm.data import procedural
+from vidlm.eval import grid, plotting
+from vidlm.eval.registry import EvalContext, register_evaluator
+
+SPLIT = "niavh"  # its own seed stream: never the train or eval split's examples
+
+
+def _check_depths(depths) -> tuple[float, ...]:
+  depths = tuple(float(x) for x in depths)
+  if not depths or any(not 0.0 <= x <= 1.0 for x in depths):
+    raise config_lib.ConfigError(f"config.eval.depths: expected values in [0, 1], got {depths}")
+  return depths
+
+
+@register_evaluator("niavh")
+def evaluate(ctx: EvalContext) -> dict:
+  """Returns the JSON written to niavh.json (see module docstring); accuracies are fractions in [0, 1]."""
+  cfg, e = ctx.cfg, ctx.cfg.eval
+  lengths = grid.lengths(cfg)
+  depths = _check_depths(e.depths)
+  if e.seeds < 1:
+    raise config_lib.ConfigError(f"config.eval.seeds must be >= 1, got {e.seeds}")
+  tiers = tuple(e.tiers)
+  if not tiers:
+    raise config_lib.ConfigError("config.eval.tiers: empty; expected some of a, b, c")
+  for tier in tiers:
+    for length in lengths:
+      grid.check_tier(cfg, tier, length.frames)
+
+  result = {
+    "protocol": {
+      "split_seed": procedural.split_seed(cfg.data.seed, SPLIT),
+      "seeds": int(e.seeds),
+      "num_needles": cfg.data.num_needles,
+      "num_asked": cfg.data.num_asked,
+      "train_frames": cfg.data.frames,
+      "scoring": "exact match of the whole answer (teacher-forced argmax == greedy decoding)",
+    },
+    "lengths": [length.as_dict() for length in lengths],
+    "depths": list(depths),
+    "tiers": {},
+    "cells": [],
+  }
+  for tier in tiers:
+    acc = np.zeros((len(depths), len(lengths)))
+    t0 = time.perf_counter()
+    for j, length in enumerate(lengths):
+      examples = [
+        grid.example(cfg, SPLIT, s, frames=length.frames, tier=tier, depth=depth)
+        for depth in depths
+        for s in range(e.seeds)
+      ]
+      scores = ctx.scorer(examples)
+      exact = scores["exact"].reshape(len(depths), e.seeds)
+      loss = scores["loss_sum"].reshape(len(depths), e.seeds) / np.maximum(
+        scores["weight"].reshape(len(depths), e.seeds), 1.0
+      )
+      acc[:, j] = exact.mean(axis=1)
+      for i, depth in enumerate(depths):
+        result["cells"].append({
+          "tier": tier,
+          "multiplier": length.multiplier,
+          "frames": length.frames,
+          "tokens": length.tokens,
+          "depth": depth,
+          "correct": int(exact[i].sum()),
+          "total": int(e.seeds),
+          "accuracy": float(acc[i, j]),
+          "loss": float(loss[i].mean()),
+        })
+    per_depth = acc.mean(axis=1)  # [depths], averaged over lengths
+    heatmap_path = ctx.out_dir / f"niavh_{tier}.png"
+    if ctx.is_main:
+      plotting.heatmap(
+        heatmap_path,
+        acc,
+        row_labels=[f"{d:.0%}" for d in depths],
+        col_labels=[f"{x.frames}f\n{x.tokens} tok" for x in lengths],
+        xlabel="context length (frames / tokens)",
+        ylabel="needle depth",
+        title=f"NIAVH tier ({tier}): exact match, {e.seeds} seeds per cell (trained at {cfg.data.frames} frames)",
+      )
+    result["tiers"][tier] = {
+      "accuracy": acc.tolist(),  # [depth][length]
+      "mean": float(acc.mean()),
+      "worst_depth": float(per_depth.min()),
+      "worst_depth_at": depths[int(per_depth.argmin())],
+      "mean_by_length": acc.mean(axis=0).tolist(),
+      "worst_depth_by_length": acc.min(axis=0).tolist(),
+      "heatmap": str(heatmap_path),
+      "seconds": time.perf_counter() - t0,
+    }
+  if ctx.is_main:
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.out_dir / "niavh.json").write_text(json.dumps(result, indent=1))
+  return result
