@@ -664,6 +664,9 @@ def ring_attention(
     )
 
   plans, table = _build_plans(mask, t, n, token_layout, tpf)
+  if impl == "cudnn":  # fail before tracing, naming the hop mask cuDNN cannot do
+    for call in (c for plan in plans for c in plan):
+      _cudnn_check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
   cfg = _RingCfg(axis_name, n, plans, table, impl, scale, _permute)
   batch, heads = _mesh_axes(mesh, b, hq, k.shape[2])
   qspec = P(batch, axis_name, heads, None)
