@@ -74,7 +74,7 @@ def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Call
     step = optimizer.step[...]
     optimizer.update(model, grads)
     metrics = _summarise(sums)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(step)
     return nnx.state((model, optimizer)), metrics
 
