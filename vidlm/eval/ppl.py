@@ -49,7 +49,7 @@ def ppl_vs_length(ctx: EvalContext) -> dict:
     plotting.line_plot(
       plot_path,
       [r["tokens"] for r in rows],
-      {f"tiers {','.join(tiers)}": [r["loss"] for r in rows]},
+      {f"tier{"s" if len(tiers) > 1 else ""} {",".join(tiers)}": [r["loss"] for r in rows]},
       xlabel="context length (tokens)",
       ylabel="answer loss (nats / token)",
       title=f"Text loss vs context length ({n} examples per length)",
