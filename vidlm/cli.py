@@ -47,8 +47,10 @@ def cmd_train(argv: list[str]) -> int:
   _setup(cfg)
   from vidlm.train.loop import Trainer  # noqa: PLC0415
 
+  import jax  # noqa: PLC0415
+
   summary = Trainer(cfg, args.workdir).train()
-  print(json.dumps({"final": summary}), flush=True)
+  print(json.dumps({"final": summary, "processes": jax.process_count(), "devices": jax.device_count()}), flush=True)
   return 0
 
 
