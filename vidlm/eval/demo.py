@@ -32,14 +32,16 @@ def format_table(results: dict) -> str:
   if nv:
     lengths = nv["lengths"]
     heads = [f"{x['multiplier']}x {x['frames']}f/{x['tokens']}t" for x in lengths]
-    width = max(14, *(len(h) for h in heads))
+    width = max(16, *(len(h) + 2 for h in heads))
     p = nv["protocol"]
-    lines.append(f"NIAVH exact match (step {results.get('step')}; each cell = {len(nv['depths'])} depths x "
-                 f"{p['seeds']} seeds; trained at {p['train_frames']} frames)")
-    lines.append("tier  " + "".join(h.rjust(width) for h in heads) + "    mean  worst-depth")
+    lines.append(f"NIAVH exact match (step {results.get('step')}; trained at {p['train_frames']} frames; cell = mean "
+                 f"over {len(nv['depths'])} depths x {p['seeds']} seeds, (worst depth))")
+    lines.append("tier  " + "".join(h.rjust(width) for h in heads) + "     all lengths (worst depth)")
     for tier, r in nv["tiers"].items():
-      cells = "".join(_pct(v).rjust(width) for v in r["mean_by_length"])
-      lines.append(f"{tier:<6}{cells}  {_pct(r['mean'])}  {_pct(r['worst_depth'])} (depth {r['worst_depth_at']:.0%})")
+      cells = "".join(f"{_pct(m)} ({100 * w:3.0f}%)".rjust(width)
+                      for m, w in zip(r["mean_by_length"], r["worst_depth_by_length"]))
+      lines.append(f"{tier:<6}{cells}     {_pct(r['mean'])} ({100 * r['worst_depth']:3.0f}% at depth "
+                   f"{r['worst_depth_at']:.0%})")
     lines.append("")
   pv = results.get("ppl_vs_length")
   if pv:
