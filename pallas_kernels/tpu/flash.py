@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import ManualAxisType
 
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation
 
@@ -254,6 +255,12 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, interpret, s
   )
 
 
+def _out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
+  """Output type varying over the union of the inputs' manual mesh axes (needed under shard_map check_vma)."""
+  varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like if x is not None))
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
+
+
 def _seg_rows(segment_ids):
   """Segment ids as rows [B, 1, T], [B, 1, S]: O(T) memory; kernels turn a block into a column when needed."""
   return tuple(x.astype(jnp.int32)[:, None, :] for x in segment_ids)
@@ -380,10 +387,8 @@ def flash_forward(
     pl.BlockSpec((None, None, bq, d), q_map),
     pl.BlockSpec((None, None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, h, 0, i)),
   ]
-  out_shape = [
-    jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
-    jax.ShapeDtypeStruct((b, hq, 1, t), jnp.float32),
-  ]
+  like = (q, k, v, *(segment_ids or ()), *(jax.tree.leaves(layout)))
+  out_shape = [_out_struct((b, hq, t, d), q.dtype, *like), _out_struct((b, hq, 1, t), jnp.float32, *like)]
   scratch = [
     pltpu.VMEM((bq, LANES), jnp.float32),
     pltpu.VMEM((bq, LANES), jnp.float32),
@@ -522,6 +527,7 @@ def flash_backward(
   (fs, farr), (bs, barr) = _schedules(mask, layout, b, hq, t, s, bq, bk, bq2, bk2)
   has_seg = segment_ids is not None
 
+  like = (q, k, v, out, lse, dout, dlse, *(segment_ids or ()), *(jax.tree.leaves(layout)))
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
   di = delta if dlse is None else delta - dlse.astype(jnp.float32)
   lse = lse.astype(jnp.float32)
@@ -556,7 +562,7 @@ def flash_backward(
     grid=(b, hq, t // bq, fs.width),
     in_specs=in_specs,
     out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-    out_shape=jax.ShapeDtypeStruct((b, hq, t, d), q.dtype),
+    out_shape=_out_struct((b, hq, t, d), q.dtype, *like),
     scratch=[pltpu.VMEM((bq, d), jnp.float32)],
     interpret=interpret,
     semantics=("parallel", "parallel", "parallel", "arbitrary"),
@@ -599,7 +605,7 @@ def flash_backward(
     grid=(b, hkv, s // bk2, group * bs.width),
     in_specs=in_specs,
     out_specs=[pl.BlockSpec((None, None, bk2, d), kvd_map), pl.BlockSpec((None, None, bk2, d), kvd_map)],
-    out_shape=[jax.ShapeDtypeStruct((b, hkv, s, d), k.dtype), jax.ShapeDtypeStruct((b, hkv, s, d), v.dtype)],
+    out_shape=[_out_struct((b, hkv, s, d), k.dtype, *like), _out_struct((b, hkv, s, d), v.dtype, *like)],
     scratch=[pltpu.VMEM((bk2, d), jnp.float32), pltpu.VMEM((bk2, d), jnp.float32)],
     interpret=interpret,
     semantics=("parallel", "parallel", "parallel", "arbitrary"),
