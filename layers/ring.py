@@ -264,6 +264,48 @@ def _striped_plan(mask: MaskSpec, r: int, src: int, c: int, tpf: int, num_tokens
 
 
 @dataclasses.dataclass(frozen=True)
+class _UniformCall:
+  """A call of the same shape and mask on every device, at per-device slot offsets (indexed by device)."""
+
+  tq: int
+  tk: int
+  mask: MaskSpec
+  q_lo: tuple[int, ...]
+  kv_lo: tuple[int, ...]
+
+
+def _cell_calls(mask: MaskSpec, qchunks, kvchunks) -> list[_Call]:
+  """One call per non-empty (Q chunk, K/V chunk) cell, masks normalised."""
+  calls = []
+  q0 = np.cumsum([0] + [ln for _, ln in qchunks])
+  k0 = np.cumsum([0] + [ln for _, ln in kvchunks])
+  for i, (qs, ql) in enumerate(qchunks):
+    for j, (ks, kl) in enumerate(kvchunks):
+      cell = mask.shifted(mask.q_offset + qs, mask.kv_offset + ks)
+      if int(cell.tile_relation(0, 0, ql, kl)) != TileRelation.EMPTY:
+        calls.append(_Call(int(q0[i]), int(q0[i] + ql), int(k0[j]), int(k0[j] + kl), _normalize(cell, ql, kl)))
+  return sorted(calls, key=lambda c: (c.q_hi - c.q_lo, c.kv_hi - c.kv_lo, repr(c.mask), c.q_lo, c.kv_lo))
+
+
+def _uniform_hop(mask: MaskSpec, chunks, n: int, t: int) -> tuple[_UniformCall, ...] | None:
+  """Hop t as calls that have the same shapes and masks on every device, if the cells allow it.
+
+  Zigzag under causal is the case this exists for: at hop t >= 1 device r computes either (all Q x first K/V
+  half) or (second Q half x all K/V); cell by cell both are two unmasked [c/2, c/2] blocks, only at different
+  slots. Slicing at per-device offsets then replaces `lax.switch`, whose predicate XLA:GPU reads back to the
+  host every hop (a sync that stalls the launch queue).
+  """
+  per_dev = [_cell_calls(mask, chunks[r], chunks[(r - t) % n]) for r in range(n)]
+  sig = [[(c.q_hi - c.q_lo, c.kv_hi - c.kv_lo, c.mask) for c in calls] for calls in per_dev]
+  if not sig[0] or any(x != sig[0] for x in sig):
+    return None
+  return tuple(
+    _UniformCall(tq, tk, m, tuple(d[i].q_lo for d in per_dev), tuple(d[i].kv_lo for d in per_dev))
+    for i, (tq, tk, m) in enumerate(sig[0])
+  )
+
+
+@dataclasses.dataclass(frozen=True)
 class _RingCfg:
   """Everything static about one ring_attention call (hashable: a custom_vjp nondiff argument)."""
 
@@ -271,18 +313,20 @@ class _RingCfg:
   ring_size: int
   plans: tuple[_Plan, ...]  # distinct plans
   table: tuple[tuple[int, ...], ...]  # table[t][r] = index into plans for hop t on device r
+  uniform: tuple[tuple[_UniformCall, ...] | None, ...]  # per hop: conditional-free form, if any
   local_impl: str
   scale: float
   permute: bool = True  # False: benchmark-only "ring without communication" (wrong numbers, same compute)
 
 
-def _build_plans(mask: MaskSpec, num_tokens: int, ring_size: int, token_layout: str, tpf: int):
+def _build_plans(mask: MaskSpec, num_tokens: int, ring_size: int, token_layout: str, tpf: int, uniform: bool = True):
+  """(distinct plans, table[t][r] -> plan index, per-hop uniform calls or None)."""
   n = ring_size
   c = num_tokens // n
   chunks = None if token_layout == "frame_striped" else _device_chunks(num_tokens, n, token_layout)
   plans: list[_Plan] = []
   index: dict[_Plan, int] = {}
-  table = []
+  table, uniform_hops = [], []
   for t in range(n):
     row = []
     for r in range(n):
@@ -296,7 +340,9 @@ def _build_plans(mask: MaskSpec, num_tokens: int, ring_size: int, token_layout: 
         plans.append(plan)
       row.append(index[plan])
     table.append(tuple(row))
-  return tuple(plans), tuple(table)
+    same = len(set(row)) == 1
+    uniform_hops.append(None if (same or chunks is None or not uniform) else _uniform_hop(mask, chunks, n, t))
+  return tuple(plans), tuple(table), tuple(uniform_hops)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,16 +434,37 @@ def _dense_bwd(q, k, v, spec: MaskSpec, seg, lse, do, delta, scale: float):
   return dq.reshape(b, tq, hq, d), dk, dv
 
 
-def _local_bwd(impl: str, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, has_dlse: bool, scale: float):
+def _flash_bwd(q, k, v, spec: MaskSpec, seg, out, lse, do, dlse, scale: float):
+  """The Pallas flash backward kernel fed with the global (out, lse[, dlse]), or None if ops lacks the hook.
+
+  Uses `pallas_kernels.ops`' internal `_plan` / `_backward` (the public op only exposes a custom_vjp, whose
+  backward would need this hop's own residuals and so a recomputed forward).
+  """
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  if not (hasattr(ops, "_plan") and hasattr(ops, "_backward")):
+    return None
+  st = ops._plan(q, k, v, seg, None, spec, scale, None, None)
+  dq, dk, dv = ops._backward(st, q, k, v, seg, None, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
+  return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+
+
+def _local_bwd(impl: str, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
   """(dq, dk, dv) fp32 of one sub-block given the global out/lse rows and delta = rowsum(dO*out) - dL."""
+  has_dlse = dlse is not None
   if impl == "xla":
     return _dense_bwd(q, k, v, spec, seg, lse, do, delta, scale)
+  if impl == "flash":
+    grads = _flash_bwd(q, k, v, spec, seg, out, lse, do, dlse, scale)
+    if grads is not None:
+      return grads
   if impl == "cudnn":
     if has_dlse:
       raise ValueError("ring local_impl='cudnn' cannot differentiate through the returned lse; use 'xla' or 'flash'")
     dq, dk, dv = _cudnn_bwd(q, k, v, spec, scale, out.astype(q.dtype), lse, do.astype(q.dtype))
     return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
   # Generic: vjp of the local attention with d o_t = w_t dO and d lse_t = w_t (rowsum(dO o_t) - delta).
+  do = do.astype(jnp.float32)
   (o_t, lse_t), vjp = jax.vjp(lambda q_, k_, v_: _local_fwd(impl, q_, k_, v_, spec, seg, scale), q, k, v)
   finite = jnp.isfinite(lse_t)
   w = jnp.where(finite, jnp.exp(jnp.where(finite, lse_t, 0.0) - jnp.where(finite, lse, 0.0)), 0.0)  # [B,H,t]
@@ -424,68 +491,92 @@ def _merge(o, lse, o_t, lse_t):
   return new_o, new_lse
 
 
-def _put(x, axis: int, lo: int, hi: int, val):
-  """x with x[..., lo:hi, ...] (on `axis`) replaced by val.
+def _slice(x, lo, size: int, axis: int):
+  """x[..., lo:lo+size, ...] on `axis`; lo is a Python int (static) or a traced int32 (per device)."""
+  if isinstance(lo, int):
+    return lax.slice_in_dim(x, lo, lo + size, axis=axis)
+  return lax.dynamic_slice_in_dim(x, lo, size, axis)
+
+
+def _put(x, lo, size: int, axis: int, val):
+  """x with x[..., lo:lo+size, ...] (on `axis`) replaced by val.
 
   Not `x.at[...].set`: XLA:CPU (jaxlib 0.11.2) segfaults compiling that scatter next to a collective-permute.
   """
-  if lo == 0 and hi == x.shape[axis]:
+  if isinstance(lo, int) and lo == 0 and size == x.shape[axis]:
     return val
   return lax.dynamic_update_slice_in_dim(x, val, lo, axis)
 
 
-def _seg_slice(seg_q, seg_kv, call: _Call):
-  if seg_q is None:
-    return None
-  return seg_q[:, call.q_lo : call.q_hi], seg_kv[:, call.kv_lo : call.kv_hi]
+def _resolve(cfg: _RingCfg, calls) -> list[tuple]:
+  """(q_lo, tq, kv_lo, tk, mask) per call; offsets of uniform calls become this device's (traced) value."""
+  out = []
+  for c in calls:
+    if isinstance(c, _Call):
+      out.append((c.q_lo, c.q_hi - c.q_lo, c.kv_lo, c.kv_hi - c.kv_lo, c.mask))
+      continue
+    r = lax.axis_index(cfg.axis_name)
+    pick = lambda tab, r=r: tab[0] if len(set(tab)) == 1 else jnp.asarray(tab, jnp.int32)[r]
+    out.append((pick(c.q_lo), c.tq, pick(c.kv_lo), c.tk, c.mask))
+  return out
 
 
-def _fwd_branch(cfg: _RingCfg, plan: _Plan) -> Callable:
+def _fwd_branch(cfg: _RingCfg, calls) -> Callable:
   def branch(o, lse, q, kv, seg_q, seg_kv):
-    for call in plan:
-      qs, ks = slice(call.q_lo, call.q_hi), slice(call.kv_lo, call.kv_hi)
-      o_t, lse_t = _local_fwd(
-        cfg.local_impl, q[:, qs], kv[0][:, ks], kv[1][:, ks], call.mask, _seg_slice(seg_q, seg_kv, call), cfg.scale
-      )
-      o_new, lse_new = _merge(o[:, qs], lse[:, :, qs], o_t, lse_t)
-      o, lse = _put(o, 1, call.q_lo, call.q_hi, o_new), _put(lse, 2, call.q_lo, call.q_hi, lse_new)
+    for q_lo, tq, kv_lo, tk, mask in _resolve(cfg, calls):
+      kvb = _slice(kv, kv_lo, tk, 2)
+      seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
+      o_t, lse_t = _local_fwd(cfg.local_impl, _slice(q, q_lo, tq, 1), kvb[0], kvb[1], mask, seg, cfg.scale)
+      if o is None:  # first hop, one call covering every row: nothing to merge with
+        o, lse = o_t.astype(jnp.float32), lse_t
+        continue
+      o_new, lse_new = _merge(_slice(o, q_lo, tq, 1), _slice(lse, q_lo, tq, 2), o_t, lse_t)
+      o, lse = _put(o, q_lo, tq, 1, o_new), _put(lse, q_lo, tq, 2, lse_new)
     return o, lse
 
   return branch
 
 
-def _bwd_branch(cfg: _RingCfg, plan: _Plan, has_dlse: bool) -> Callable:
-  def branch(dq, dkv, q, kv, seg_q, seg_kv, out, lse, do, delta):
-    for call in plan:
-      qs, ks = slice(call.q_lo, call.q_hi), slice(call.kv_lo, call.kv_hi)
+def _bwd_branch(cfg: _RingCfg, calls) -> Callable:
+  def branch(dq, dkv, q, kv, seg_q, seg_kv, out, lse, do, delta, dlse):
+    for q_lo, tq, kv_lo, tk, mask in _resolve(cfg, calls):
+      kvb = _slice(kv, kv_lo, tk, 2)
+      seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
+      rows = lambda x, axis=1, lo=q_lo, size=tq: _slice(x, lo, size, axis)
       dq_t, dk_t, dv_t = _local_bwd(
         cfg.local_impl,
-        q[:, qs],
-        kv[0][:, ks],
-        kv[1][:, ks],
-        call.mask,
-        _seg_slice(seg_q, seg_kv, call),
-        out[:, qs],
-        lse[:, :, qs],
-        do[:, qs],
-        delta[:, :, qs],
-        has_dlse,
+        rows(q),
+        kvb[0],
+        kvb[1],
+        mask,
+        seg,
+        rows(out),
+        rows(lse, 2),
+        rows(do),
+        rows(delta, 2),
+        None if dlse is None else rows(dlse, 2),
         cfg.scale,
       )
-      dq = _put(dq, 1, call.q_lo, call.q_hi, dq[:, qs] + dq_t)
-      dkv = _put(dkv, 2, call.kv_lo, call.kv_hi, dkv[:, :, ks] + jnp.stack([dk_t, dv_t]))
+      dq = _put(dq, q_lo, tq, 1, rows(dq) + dq_t)
+      dkv = _put(dkv, kv_lo, tk, 2, _slice(dkv, kv_lo, tk, 2) + jnp.stack([dk_t, dv_t]))
     return dq, dkv
 
   return branch
 
 
 def _dispatch(cfg: _RingCfg, t: int, make_branch: Callable, *operands):
-  """Run hop t's plan for this device: static when every device has the same plan, else lax.switch."""
+  """Run hop t's plan for this device.
+
+  Static when every device has the same plan; per-device slot offsets when the hop is uniform (see
+  `_uniform_hop`); otherwise `lax.switch` over the distinct plans (an empty plan is a skipped hop).
+  """
   ids = cfg.table[t]
   distinct = sorted(set(ids))
-  branches = [make_branch(cfg.plans[i]) for i in distinct]
   if len(distinct) == 1:
-    return branches[0](*operands)
+    return make_branch(cfg.plans[distinct[0]])(*operands)
+  if cfg.uniform[t] is not None:
+    return make_branch(cfg.uniform[t])(*operands)
+  branches = [make_branch(cfg.plans[i]) for i in distinct]
   which = jnp.asarray([distinct.index(i) for i in ids], jnp.int32)[lax.axis_index(cfg.axis_name)]
   return lax.switch(which, branches, *operands)
 
@@ -508,8 +599,12 @@ def _src_segments(cfg: _RingCfg, seg_kv_all, t: int):
 def _ring_fwd_impl(cfg: _RingCfg, q, k, v, seg_q, seg_kv_all):
   b, c, hq, d = q.shape
   kv = jnp.stack([k, v])  # ONE buffer: one collective-permute per hop
-  o = jnp.zeros((b, c, hq, d), jnp.float32)
-  lse = jnp.full((b, hq, c), -jnp.inf, jnp.float32)
+  first = cfg.plans[cfg.table[0][0]]
+  if len(set(cfg.table[0])) == 1 and len(first) == 1 and (first[0].q_lo, first[0].q_hi) == (0, c):
+    o = lse = None  # hop 0 writes every row directly (no merge with zeros)
+  else:
+    o = jnp.zeros((b, c, hq, d), jnp.float32)
+    lse = jnp.full((b, hq, c), -jnp.inf, jnp.float32)
   for t in range(cfg.ring_size):
     kv_next = _shift(cfg, kv) if t < cfg.ring_size - 1 else None  # issued before this hop's compute
     o, lse = _dispatch(
@@ -521,20 +616,20 @@ def _ring_fwd_impl(cfg: _RingCfg, q, k, v, seg_q, seg_kv_all):
 
 def _ring_bwd_impl(cfg: _RingCfg, res, do, dlse):
   q, k, v, seg_q, seg_kv_all, out, lse = res
-  do32 = do.astype(jnp.float32)
-  delta = jnp.einsum("bthd,bthd->bht", do32, out.astype(jnp.float32))
+  delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
   if dlse is not None:
+    dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)  # rows that saw no key
     delta = delta - dlse
   kv = jnp.stack([k, v])
   dq = jnp.zeros(q.shape, jnp.float32)
   dkv = jnp.zeros(kv.shape, jnp.float32)
-  make = functools.partial(_bwd_branch, cfg, has_dlse=dlse is not None)
+  make = functools.partial(_bwd_branch, cfg)
   for t in range(cfg.ring_size):
     kv_next = _shift(cfg, kv) if t < cfg.ring_size - 1 else None
     if t > 0:
       dkv = _shift(cfg, dkv)  # hop t-1's block accumulator, one hop behind K/V
     segs = _src_segments(cfg, seg_kv_all, t)
-    dq, dkv = _dispatch(cfg, t, make, dq, dkv, q, kv, seg_q, segs, out, lse, do32, delta)
+    dq, dkv = _dispatch(cfg, t, make, dq, dkv, q, kv, seg_q, segs, out, lse, do, delta, dlse)
     kv = kv_next
   dkv = _shift(cfg, dkv)  # home: block r's dK/dV end where they started
   return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
@@ -605,6 +700,7 @@ def ring_attention(
   local_impl: str = "auto",
   tokens_per_frame: int | None = None,
   _permute: bool = True,
+  _uniform: bool = True,
 ):
   """Ring attention of GLOBAL q [B, T, Hq, D], k/v [B, T, Hkv, D] sharded over `axis_name` on the token dim.
 
@@ -618,6 +714,7 @@ def ring_attention(
       CPU), "xla", "reference", "flash" or "cudnn" (plain causal/bidirectional hop masks only).
     tokens_per_frame: frame size of the frame_striped layout; defaults to mask.tokens_per_frame.
     _permute: benchmark only. False skips the K/V transfers (wrong results) to time the compute alone.
+    _uniform: False always dispatches hops with different per-device plans by `lax.switch` (benchmarks, tests).
   """
   from pallas_kernels import reference  # noqa: PLC0415
 
@@ -663,11 +760,11 @@ def ring_attention(
       q, k, v, mask=mask, segment_ids=segment_ids, impl=impl, return_lse=return_lse, scale=scale
     )
 
-  plans, table = _build_plans(mask, t, n, token_layout, tpf)
+  plans, table, uniform = _build_plans(mask, t, n, token_layout, tpf, _uniform)
   if impl == "cudnn":  # fail before tracing, naming the hop mask cuDNN cannot do
     for call in (c for plan in plans for c in plan):
       _cudnn_check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
-  cfg = _RingCfg(axis_name, n, plans, table, impl, scale, _permute)
+  cfg = _RingCfg(axis_name, n, plans, table, uniform, impl, scale, _permute)
   batch, heads = _mesh_axes(mesh, b, hq, k.shape[2])
   qspec = P(batch, axis_name, heads, None)
   lse_spec = P(batch, heads, axis_name)

@@ -144,6 +144,22 @@ def test_ring_video_then_text_and_window(token_layout):
   assert err < RTOL, err
 
 
+def test_ring_switch_dispatch_for_zigzag():
+  """The lax.switch dispatch (what non-uniform hops use) also gives exact zigzag results."""
+  mask = MaskSpec.causal()
+  q, k, v, g, _, _ = _inputs(12)
+  perm = ring.token_permutation(T, 4, "zigzag")
+  ref = jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask=mask) * g), argnums=(0, 1, 2))(q, k, v)
+
+  def loss(q, k, v):
+    o = ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", local_impl="xla", _uniform=False)
+    return jnp.sum(o * g[:, perm])
+
+  with jax.set_mesh(_mesh((1, 1, 4, 1))):
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q[:, perm], k[:, perm], v[:, perm])
+  assert max(_rel(a, b[:, perm]) for a, b in zip(grads, ref)) < RTOL
+
+
 @pytest.mark.parametrize("local_impl", ["xla", "reference"])
 def test_ring_lse_output_and_its_gradient(local_impl):
   """return_lse: lse matches and gradients flow through it; "reference" exercises the vjp-of-local backward."""
@@ -152,6 +168,12 @@ def test_ring_lse_output_and_its_gradient(local_impl):
   err = _compare(
     (1, 1, 2, 1), "frame_striped", MaskSpec.frame_causal(TPF), seed=6, return_lse=True, local_impl=local_impl
   )
+  assert err < RTOL, err
+
+
+def test_ring_with_pallas_flash_local_kernel():
+  """local_impl="flash": pallas_kernels.ops forward per hop, its backward fed with the global (out, lse)."""
+  err = _compare((1, 1, 2, 1), "zigzag", MaskSpec.causal(), seed=13, segments=True, return_lse=True, local_impl="flash")
   assert err < RTOL, err
 
 
@@ -196,7 +218,7 @@ def test_zigzag_causal_plans_are_balanced_and_simple():
   """Zigzag under causal: every hop is one call of half a block's work, plain causal or unmasked (cuDNN-able)."""
   n, t = 4, 64
   c = t // n
-  plans, table = ring._build_plans(MaskSpec.causal(), t, n, "zigzag", 1)
+  plans, table, uniform = ring._build_plans(MaskSpec.causal(), t, n, "zigzag", 1)
   for row in table:
     for pid in row:
       (call,) = plans[pid]
@@ -205,8 +227,13 @@ def test_zigzag_causal_plans_are_balanced_and_simple():
         assert (call.mask.q_offset, call.mask.kv_offset, area) == (0, 0, c * c)
       else:
         assert call.mask.kind == "bidirectional" and area == c * c // 2
+  # hops t >= 1 run without lax.switch: two unmasked [c/2, c/2] blocks at per-device offsets
+  assert uniform[0] is None
+  for hop in uniform[1:]:
+    assert [(u.tq, u.tk, u.mask.kind) for u in hop] == [(c // 2, c // 2, "bidirectional")] * 2
   # contiguous: device N-1 computes every hop, device 0 only the first
-  plans, table = ring._build_plans(MaskSpec.causal(), t, n, "contiguous", 1)
+  plans, table, uniform = ring._build_plans(MaskSpec.causal(), t, n, "contiguous", 1)
+  assert uniform == (None,) * n
   assert [plans[table[h][0]] for h in range(1, n)] == [()] * (n - 1)
   assert all(len(plans[table[h][n - 1]]) == 1 for h in range(n))
 
