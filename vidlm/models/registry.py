@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import jax
 from flax import nnx
 
 _REGISTRY: dict[str, Callable] = {}
@@ -25,4 +26,10 @@ def build_model(cfg, rngs: nnx.Rngs) -> nnx.Module:
     from vidlm.config import ConfigError  # noqa: PLC0415
 
     raise ConfigError(f"config.model.name: unknown model {cfg.model.name!r}; registered: {sorted(_REGISTRY)}")
-  return _REGISTRY[cfg.model.name](cfg, rngs=rngs)
+  ctor = _REGISTRY[cfg.model.name]
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    # no mesh (a notebook, a unit test): build unsharded instead of failing on the sharding annotations
+    with nnx.use_eager_sharding(False):
+      return ctor(cfg, rngs=rngs)
+  return ctor(cfg, rngs=rngs)

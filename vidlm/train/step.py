@@ -46,30 +46,31 @@ def _summarise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Callable:
   """train_step(state, batch) -> (state, metrics); state = nnx.state((model, optimizer))."""
 
-  def grads_of(model, batch):
-    def f(m):
-      _, sums = loss_fn(m, batch)
-      # sum-reduced loss so that micro-batches add up exactly; normalised once below
-      return sums["loss_sum"], sums
-
-    (_, sums), grads = nnx.value_and_grad(f, has_aux=True)(model)
-    return grads, sums
-
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    # differentiate w.r.t. the parameter State as a plain pytree, so micro-batches can run under lax.scan
+    model_def, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grads_of(params, mb):
+      def f(p):
+        _, sums = loss_fn(nnx.merge(model_def, p, rest), mb)
+        # sum-reduced loss so that micro-batches add up exactly; normalised once below
+        return sums["loss_sum"], sums
+
+      (_, sums), grads = jax.value_and_grad(f, has_aux=True)(params)
+      return grads, sums
+
     if grad_accum == 1:
-      grads, sums = grads_of(model, batch)
+      grads, sums = grads_of(params, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-      zero_grads = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
 
       def accumulate(carry, mb):
-        g_acc, s_acc = carry
-        g, s = grads_of(model, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
+        g, s = grads_of(params, mb)
+        return jax.tree.map(jnp.add, carry, (g, s)), None
 
-      zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "weight", "correct", "exact", "examples")}
-      (grads, sums), _ = jax.lax.scan(accumulate, (zero_grads, zero_sums), micro)
+      zero = jax.eval_shape(grads_of, params, jax.tree.map(lambda x: x[0], micro))
+      (grads, sums), _ = jax.lax.scan(accumulate, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zero), micro)
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
     step = optimizer.step[...]
     optimizer.update(model, grads)
