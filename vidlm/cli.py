@@ -45,9 +45,9 @@ def cmd_train(argv: list[str]) -> int:
   args, rest = _run_parser("train").parse_known_args(argv)
   cfg = _load(args.config, rest)
   _setup(cfg)
-  from vidlm.train.loop import Trainer  # noqa: PLC0415
-
   import jax  # noqa: PLC0415
+
+  from vidlm.train.loop import Trainer  # noqa: PLC0415
 
   summary = Trainer(cfg, args.workdir).train()
   print(json.dumps({"final": summary, "processes": jax.process_count(), "devices": jax.device_count()}), flush=True)

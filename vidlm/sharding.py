@@ -9,7 +9,8 @@ weight shards; activations keep their tokens on "seq" and batch on ("data", "fsd
 from __future__ import annotations
 
 import jax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from vidlm.config import ConfigError, MeshConfig, resolve_mesh_shape
 

@@ -52,8 +52,8 @@ def test_xla_impl_matches_reference(mask):
     ref_out, ref_lse = reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, return_lse=True)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda q: attention(q, k, v, mask=mask, segment_ids=segment_ids, impl="xla").sum())(q)
-    g_ref = jax.grad(lambda q: reference.attention(q, k, v, mask=mask, segment_ids=segment_ids).sum())(q)
+    g = jax.grad(lambda q: attention(q, k, v, mask=mask, segment_ids=segment_ids, impl="xla").sum())(q)  # noqa: B023
+    g_ref = jax.grad(lambda q: reference.attention(q, k, v, mask=mask, segment_ids=segment_ids).sum())(q)  # noqa: B023
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
@@ -106,7 +106,7 @@ def test_scan_remat_and_unscanned_agree():
     cfg = _cfg(**kw)
     model = build_model(cfg, nnx.Rngs(0))
     batch = _inputs(cfg)
-    loss, grads = nnx.value_and_grad(lambda m: step_lib.loss_fn(m, batch)[0])(model)
+    loss, grads = nnx.value_and_grad(lambda m: step_lib.loss_fn(m, batch)[0])(model)  # noqa: B023
     outs.append((float(loss), jax.tree.leaves(grads)))
   for loss, grads in outs[1:]:
     np.testing.assert_allclose(loss, outs[0][0], rtol=1e-6)
