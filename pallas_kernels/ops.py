@@ -36,7 +36,10 @@ from pallas_kernels.tpu import flash as tpu_flash
 
 Backend = Literal["gpu", "tpu", "interpret", "reference"]
 BACKENDS: tuple[str, ...] = ("gpu", "tpu", "interpret", "reference")
-_TPU_BLOCKS = (128, 64, 32, 16, 8)
+# Block candidates, largest first. On a real TPU the row blocks of lse / segment ids put the block in the lane
+# dimension, so blocks must be multiples of 128 (or the whole sequence); interpret mode takes anything.
+_TPU_BLOCKS = (512, 256, 128)
+_INTERPRET_BLOCKS = (128, 64, 32, 16, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,17 +80,22 @@ def _accepts(fn, name: str) -> bool:
   return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _tpu_config(t: int, s: int, config, layout: BlockLayout | None) -> tpu_flash.TpuFlashConfig | None:
-  """Block sizes for the TPU/interpret kernels: the caller's config, else the largest dividing blocks."""
+def _tpu_config(t: int, s: int, config, layout: BlockLayout | None, backend: str) -> tpu_flash.TpuFlashConfig | None:
+  """Block sizes for the TPU/interpret kernels: the caller's config, else the largest dividing blocks.
+
+  The TPU defaults are untuned (no TPU was available while writing them): 512 / 256 / 128 as they divide.
+  """
   if config is not None and not isinstance(config, tpu_flash.TpuFlashConfig):
     raise TypeError(f"flash_attention(config=...): the tpu/interpret backends take a TpuFlashConfig, got {config!r}")
   if config is not None or layout is not None:
     return config
 
+  blocks = _TPU_BLOCKS if backend == "tpu" else _INTERPRET_BLOCKS
+
   def pick(n: int) -> int | None:
-    if n <= _TPU_BLOCKS[0]:
+    if n <= blocks[0]:
       return n
-    return next((b for b in _TPU_BLOCKS if n % b == 0), None)
+    return next((b for b in blocks if n % b == 0), None)
 
   bq, bk = pick(t), pick(s)
   if bq is None or bk is None:
@@ -134,7 +142,7 @@ def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config) -> _Static
       )
     return _Static("reference", mask, scale, None)
   if backend in ("tpu", "interpret"):
-    cfg = _tpu_config(q.shape[1], k.shape[1], config, layout)
+    cfg = _tpu_config(q.shape[1], k.shape[1], config, layout, backend)
     if tpu_flash.supports(q, k, v, segment_ids, mask, layout=layout, config=cfg):
       return _Static(backend, mask, scale, cfg)
     _warn_once(
