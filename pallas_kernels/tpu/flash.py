@@ -11,6 +11,10 @@ dK/dV, the q blocks that a kv block visits) form a *schedule* handed to the kern
   list schedule   (BlockLayout) per (batch, head, major block) the listed minor blocks, compacted on device
                   (unlisted, duplicate and mask-EMPTY entries dropped, ascending order); padding repeats the
                   last valid entry so the pipeline sees an unchanged block index and issues no DMA.
+                  Limits: the whole list is scalar-prefetched, so it must fit SMEM (shard heads, or share the
+                  layout across heads, at long lengths); the transposed dK/dV lists are built through an
+                  [nQ, nK] block mask and padded to nQ entries, since a traced layout gives no tighter static
+                  bound: O(nQ * nK) metadata and grid steps per layout head.
 
 Inside a tile the mask is evaluated from the MaskSpec (`tile_relation` picks the unmasked path for FULL tiles)
 plus segment ids; nothing dense is ever built. GQA maps q head h to kv head h // group in the index maps (K/V
@@ -116,8 +120,12 @@ class _Sched:
     return arr_ref[row * self.width + j]
 
 
+@functools.lru_cache(maxsize=256)
 def _range_tables(mask: MaskSpec, n_rows: int, n_cols: int, b_row: int, b_col: int, transposed: bool):
-  """Host-side [start, count) per row of non-EMPTY tiles (rows = q blocks, or kv blocks when transposed)."""
+  """Host-side [start, count) per row of non-EMPTY tiles (rows = q blocks, or kv blocks when transposed).
+
+  Cached: at a million tokens this scans (T / block)^2 tiles on the host, once per (mask, shape).
+  """
   start = np.zeros(n_rows, np.int32)
   count = np.zeros(n_rows, np.int32)
   chunk = max(1, (1 << 22) // max(n_cols, 1))  # bound host memory at long lengths
@@ -136,6 +144,8 @@ def _range_tables(mask: MaskSpec, n_rows: int, n_cols: int, b_row: int, b_col: i
       raise AssertionError(f"MaskSpec {mask}: non-empty tiles of a row are not contiguous")
     start[r0 : r0 + len(cnt)] = np.where(cnt > 0, first, 0)
     count[r0 : r0 + len(cnt)] = cnt
+  start.setflags(write=False)
+  count.setflags(write=False)
   return start, count
 
 
