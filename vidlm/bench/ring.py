@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     prog="vidlm bench ring", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--tokens-per-device", type=int, default=8192)
-  p.add_argument("--ring-sizes", default="1,2,4")
-  p.add_argument("--layouts", default="contiguous,zigzag")
+  p.add_argument("--ring-sizes", default="4,2,1", help="largest first, so a time limit cuts the small ones")
+  p.add_argument("--layouts", default="zigzag,contiguous")
   p.add_argument("--heads", type=int, default=32)
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
   if devices[0].platform != "gpu" and not args.allow_cpu:
     print(f"vidlm bench ring: needs GPUs (found {devices[0].platform})", file=sys.stderr)
     return 2
-  sizes = [int(x) for x in args.ring_sizes.split(",") if int(x) <= len(devices)]
+  sizes = [int(x) for x in args.ring_sizes.split(",") if int(x) <= len(devices)]  # in the given order
   layouts = args.layouts.split(",")
   c, hq, hkv, d = args.tokens_per_device, args.heads, args.kv_heads, args.head_dim
   meta = {
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, f, indent=2)
 
   if args.check_tokens:
-    for n in [s for s in sizes if s > 1][-1:]:
+    for n in [max(sizes)] if max(sizes) > 1 else []:
       for layout in layouts:
         try:
           chk = _check(args.local_impl, n, layout, args.check_tokens, hq, hkv, d)
@@ -292,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
           row["per_device_tflops"] = flops / n / t_ring / 1e12
           row["efficiency_pct"] = 100.0 * (t_single / n) / t_ring
           times[layout] = t_ring
-          if layout == "zigzag" and "contiguous" in times:
-            row["zigzag_speedup_vs_contiguous"] = times["contiguous"] / t_ring
         except Exception as e:  # noqa: BLE001
           row["error"] = f"{type(e).__name__}: {e}"[:400]
         print("row", json.dumps(row), flush=True)
         results["rows"].append(row)
         dump()
+      if "zigzag" in times and "contiguous" in times:
+        for row in results["rows"]:
+          if (row["ring"], row["layout"], row["mask"]) == (n, "zigzag", "causal" if causal else "bidirectional"):
+            row["zigzag_speedup_vs_contiguous"] = times["contiguous"] / times["zigzag"]
 
   print()
   print(
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
   hdr = f"{'mask':13} {'N':>2} {'layout':10} {'tokens':>7} {'ring ms':>8} {'TF/s/dev':>8} {'1-GPU ms':>8} "
   hdr += f"{'1-GPU TF/s':>10} {'eff %':>6} {'nocomm ms':>9} {'exposed %':>9} {'zz x':>5} {'switch ms':>9}"
   print(hdr)
-  for r in results["rows"]:
+  for r in sorted(results["rows"], key=lambda r: (r["mask"], r["ring"], r["layout"])):
     if "error" in r:
       print(f"{r['mask']:13} {r['ring']:>2} {r['layout']:10} error: {r['error'][:80]}")
       continue
