@@ -515,6 +515,7 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
   n_qc = t // (cw * bq)
   msteps = max(2, min(cfg.max_concurrent_steps, nk))
   has_seg = segment_ids is not None
+  n_row_copies = 5 if has_seg else 4
   c = float(scale) * _LOG2E
   interp = bool(interpret)
   red1 = plgpu.Layout.WGMMA.reduce(1)
@@ -541,24 +542,26 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
 
     @pl.when(wg < cw)
     def _consumer():
-      plgpu.set_max_registers(240 if cw == 2 else 232, action="increase")
+      if cw == 2:  # 2 * 232 + 40 registers per thread x 128 threads fits the 64K register file
+        plgpu.set_max_registers(232, action="increase")
       q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
       q0 = cta_q0 + wg * bq
-      rbar = row_bar.at[wg]
+      rbars = [row_bar.at[wg * n_row_copies + i] for i in range(n_row_copies)]
       rows = (bi, pl.ds(q0, bq), h)
-      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, rbar)
-      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rbar)
-      plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, pl.ds(q0, bq)], lse_smem2.at[wg], rbar)
-      plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(q0, bq)], dl_smem2.at[wg], rbar)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, rbars[0])
+      plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, rbars[1])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, h, pl.ds(q0, bq)], lse_smem2.at[wg], rbars[2])
+      plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(q0, bq)], dl_smem2.at[wg], rbars[3])
       if has_seg:
-        plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qs_smem2.at[wg], rbar)
+        plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qs_smem2.at[wg], rbars[4])
       lo, flo, fhi, hi = _tile_bounds(
         mask, False, mask.q_offset + q0, mask.q_offset + q0 + bq - 1, mask.kv_offset, bk, nk
       )
       if has_seg:
         flo = fhi = hi
       lo, flo, fhi, hi = _nest((lo, flo, fhi, hi), (u_lo, u_hi))
-      plgpu.barrier_wait(rbar)
+      for rb in rbars:
+        plgpu.barrier_wait(rb)
       lse2 = plgpu.load(lse_smem2.at[wg], layout=red1)
       delta = plgpu.load(dl_smem2.at[wg], layout=red1)
       q_seg = plgpu.load(qs_smem2.at[wg], layout=red1) if has_seg else None
@@ -620,7 +623,8 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
 
     @pl.when(wg == cw)
     def _producer():
-      plgpu.set_max_registers(40 if cw == 2 else 56, action="decrease")
+      if cw == 2:
+        plgpu.set_max_registers(40, action="decrease")
 
       def issue(i, slot):
         j = u_lo + i
@@ -643,9 +647,8 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
     plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
     plgpu.SMEM((msteps, bk), jnp.int32) if has_seg else None,
   )
-  n_row_copies = 5 if has_seg else 4
   bars = (
-    plgpu.Barrier(num_arrivals=n_row_copies, num_barriers=cw),
+    plgpu.Barrier(num_barriers=cw * n_row_copies),
     plgpu.Barrier(num_barriers=msteps),
     plgpu.Barrier(num_barriers=msteps),
     plgpu.Barrier(num_barriers=msteps) if has_seg else None,
@@ -682,6 +685,7 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
   msteps = max(2, min(cfg.max_concurrent_steps, nq))
   has_seg = segment_ids is not None
   want_dk, want_dv = "dk" in parts, "dv" in parts
+  n_row_copies = 3 if has_seg else 2
   c = float(scale) * _LOG2E
   interp = bool(interpret)
   red1 = plgpu.Layout.WGMMA.reduce(1)
@@ -715,22 +719,24 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
 
     @pl.when(wg < cw)
     def _consumer():
-      plgpu.set_max_registers(240 if cw == 2 else 232, action="increase")
+      if cw == 2:  # 2 * 232 + 40 registers per thread x 128 threads fits the 64K register file
+        plgpu.set_max_registers(232, action="increase")
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       k0 = cta_k0 + wg * bk
-      rbar = row_bar.at[wg]
+      rbars = [row_bar.at[wg * n_row_copies + i] for i in range(n_row_copies)]
       rows = (bi, pl.ds(k0, bk), kv_h)
-      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, rbar)
-      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, rbar)
+      plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem, rbars[0])
+      plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, rbars[1])
       if has_seg:
-        plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds(k0, bk)], ks_smem2.at[wg], rbar)
+        plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds(k0, bk)], ks_smem2.at[wg], rbars[2])
       lo, flo, fhi, hi = _tile_bounds(
         mask, True, tmask_kv_off + k0, tmask_kv_off + k0 + bk - 1, tmask_q_off, bq, nq
       )
       if has_seg:
         flo = fhi = hi
       lo, flo, fhi, hi = _nest((lo, flo, fhi, hi), (u_lo, u_hi))
-      plgpu.barrier_wait(rbar)
+      for rb in rbars:
+        plgpu.barrier_wait(rb)
       kv_seg = plgpu.load(ks_smem2.at[wg], layout=red1) if has_seg else None
       zeros = plgpu.layout_cast(jnp.full((bk, d), 0.0, jnp.float32), plgpu.Layout.WGMMA)
       carry0 = (zeros if want_dk else None, zeros if want_dv else None)
@@ -809,7 +815,8 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
 
     @pl.when(wg == cw)
     def _producer():
-      plgpu.set_max_registers(40 if cw == 2 else 56, action="decrease")
+      if cw == 2:
+        plgpu.set_max_registers(40, action="decrease")
 
       def issue(i, slot):
         g = lax.div(i, n_t)
@@ -837,7 +844,7 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
     plgpu.SMEM((msteps, bq), jnp.int32) if has_seg else None,
   )
   bars = (
-    plgpu.Barrier(num_arrivals=3 if has_seg else 2, num_barriers=cw),
+    plgpu.Barrier(num_barriers=cw * n_row_copies),
     plgpu.Barrier(num_barriers=msteps),
     plgpu.Barrier(num_barriers=msteps),
     plgpu.Barrier(num_barriers=msteps),

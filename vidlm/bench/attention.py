@@ -162,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     for d in dims:
       for causal in causals:
         rows += run_case(a.batch, h, s, d, causal, warmup=a.warmup, iters=iters, modes=modes)
+        _dump(a.out, dev, mm, rows)  # after every case: a run cut short keeps what it measured
   print("\nsummary (TFLOP/s)\n" + _HEADER)
   for r in rows:
     print(_fmt_row(r))
-  if a.out:
-    with open(a.out, "w") as f:
-      json.dump({"device": dev.device_kind, "jax": jax.__version__, "matmul_tflops": mm, "rows": rows}, f, indent=1)
+  _dump(a.out, dev, mm, rows)
   return 0
+
+
+def _dump(path, dev, mm, rows) -> None:
+  if path:
+    with open(path, "w") as f:
+      json.dump({"device": dev.device_kind, "jax": jax.__version__, "matmul_tflops": mm, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
