@@ -318,6 +318,11 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
         f"config.data.text_len: sequence length {seq_len} (video {video_tokens(cfg)} + text {d.text_len}) "
         f"is not divisible by the attention block size {block} (attention.block_q/block_kv)"
       )
+  if a.impl == "ring" and a.ring_layout == "frame_striped" and d.text_len and cfg.mesh.seq > 1:
+    raise ConfigError(
+      "config.attention.ring_layout: 'frame_striped' deals whole video frames and cannot hold the text that follows "
+      "the video in VideoLM; use 'zigzag' (balanced for causal masks) or 'contiguous'"
+    )
   ring_chunks = cfg.mesh.seq * (2 if a.impl == "ring" and a.ring_layout == "zigzag" else 1)
   if cfg.mesh.seq > 0 and seq_len % ring_chunks:
     raise ConfigError(

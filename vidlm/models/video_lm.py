@@ -68,7 +68,10 @@ class VideoLM(nnx.Module):
       return None
     from layers import ring  # noqa: PLC0415
 
-    return ring.token_permutation(num_tokens, ring_size, self.ring_layout, tokens_per_frame)
+    # zigzag chunks need not hold whole frames (each hop's mask is exact through position offsets); the
+    # frame-striped layout deals whole frames, and the text after the video is dealt in groups of the same size
+    group = tokens_per_frame if self.ring_layout == "frame_striped" else 1
+    return ring.token_permutation(num_tokens, ring_size, self.ring_layout, group)
 
   def __call__(
     self,
