@@ -6,8 +6,8 @@ GQA ratios 1/2/8, fp32 and bf16, dense and block-sparse layouts. JAX's grid inte
 buffer with NaN before the kernel runs (`test_interpret_poisons_unwritten_outputs` checks that premise), so an
 element a kernel forgets to write fails the NaN checks below.
 
-Tolerances: fp32 max-abs error <= 1e-5 x max|ref| (forward and gradients); bf16 forward <= 2e-2 x max|ref|,
-gradients <= 5e-2 relative L2.
+Tolerances: fp32 max-abs error <= 1e-5 x max|ref| (forward and gradients); bf16 forward <= 1e-2 x max|ref|,
+gradients <= 2e-2 relative L2 (measured worst cases: fp32 1.0e-6, bf16 3.7e-3).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def check_against_reference(out, lse, grads, ref_out, ref_lse, ref_grads, dtype,
     assert not np.isnan(np.asarray(x, np.float32)).any(), f"{what}: NaN in {name} (unwritten or bad math)"
     assert np.isfinite(np.asarray(x, np.float32)).all(), f"{what}: inf in {name}"
   err = rel_max(out, ref_out)
-  assert err <= (1e-5 if fp32 else 2e-2), f"{what}: out max-abs rel error {err:.2e}"
+  assert err <= (1e-5 if fp32 else 1e-2), f"{what}: out max-abs rel error {err:.2e}"
   if lse is not None:
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
     assert not np.isnan(lse).any(), f"{what}: NaN in lse"
@@ -159,7 +159,7 @@ def check_against_reference(out, lse, grads, ref_out, ref_lse, ref_grads, dtype,
       assert not np.any(np.asarray(g, np.float32)), f"{what}: {name} should be exactly zero"
       continue
     err = rel_max(g, rg) if fp32 else rel_l2(g, rg)
-    assert err <= (1e-5 if fp32 else 5e-2), f"{what}: {name} error {err:.2e}"
+    assert err <= (1e-5 if fp32 else 2e-2), f"{what}: {name} error {err:.2e}"
 
 
 def run_case(case: Case, fn=None):
