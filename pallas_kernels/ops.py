@@ -336,6 +336,60 @@ def flash_attention(
   return _attn_out(q, k, v, segment_ids, layout, st)
 
 
+def attention_forward(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: MaskSpec = MaskSpec(),
+  segment_ids: tuple[jax.Array, jax.Array] | None = None,
+  layout: BlockLayout | None = None,
+  scale: float | None = None,
+  backend: Backend | None = None,
+  config: Any = None,
+) -> tuple[jax.Array, jax.Array]:
+  """The forward kernel alone (no custom_vjp): out [B, T, Hq, D], lse [B, Hq, T] fp32.
+
+  For code that owns its own custom_vjp over several kernel calls, e.g. ring attention, which runs one
+  forward per hop and merges (out, lse) itself; pair it with `attention_backward`.
+  """
+  reference.check_shapes(q, k, v, segment_ids)
+  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  return _forward(st, q, k, v, segment_ids, layout)
+
+
+def attention_backward(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  out: jax.Array,
+  lse: jax.Array,
+  dout: jax.Array,
+  *,
+  mask: MaskSpec = MaskSpec(),
+  segment_ids: tuple[jax.Array, jax.Array] | None = None,
+  layout: BlockLayout | None = None,
+  dlse: jax.Array | None = None,
+  scale: float | None = None,
+  backend: Backend | None = None,
+  config: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The backward kernels alone: (dq [B, T, Hq, D], dk, dv [B, S, Hkv, D]) in the input dtypes.
+
+  `out` / `lse` may be *global* statistics (e.g. ring attention's merged ones) rather than this call's own:
+  the kernels recompute P = exp(S - lse) and use delta = rowsum(out * dout) - dlse, which is exactly the
+  per-hop share of the global gradient. `dlse` [B, Hq, T] is the lse cotangent (None = 0); rows with
+  lse = -inf are ignored.
+  """
+  reference.check_shapes(q, k, v, segment_ids)
+  scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  if dlse is not None:
+    dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+  return _backward(st, q, k, v, segment_ids, layout, out, lse, dout, dlse)
+
+
 def block_sparse_attention(
   q: jax.Array,
   k: jax.Array,
