@@ -317,6 +317,7 @@ class _RingCfg:
   local_impl: str
   scale: float
   permute: bool = True  # False: benchmark-only "ring without communication" (wrong numbers, same compute)
+  barrier: bool = True  # optimization barriers pin each permute to one hop (see _ring_fwd_impl)
 
 
 def _build_plans(mask: MaskSpec, num_tokens: int, ring_size: int, token_layout: str, tpf: int, uniform: bool = True):
@@ -610,8 +611,17 @@ def _ring_fwd_impl(cfg: _RingCfg, q, k, v, seg_q, seg_kv_all):
     o, lse = _dispatch(
       cfg, t, functools.partial(_fwd_branch, cfg), o, lse, q, kv, seg_q, _src_segments(cfg, seg_kv_all, t)
     )
+    if kv_next is not None and cfg.barrier:
+      kv_next, o, lse = lax.optimization_barrier((kv_next, o, lse))
     kv = kv_next
   return o.astype(q.dtype), lse
+
+
+# Why the optimization barriers: XLA's latency-hiding scheduler sees the hop kernels (cuDNN / Pallas custom
+# calls) as free and, with one collective-permute in flight at a time, stretches the LAST permute over all hops
+# and runs the earlier ones synchronously up front (seen in the optimised HLO on 4 H200s). Tying each hop's
+# received block to that hop's result makes permute t+1 start only after hop t, so each transfer overlaps
+# exactly one hop's compute.
 
 
 def _ring_bwd_impl(cfg: _RingCfg, res, do, dlse):
@@ -630,8 +640,15 @@ def _ring_bwd_impl(cfg: _RingCfg, res, do, dlse):
       dkv = _shift(cfg, dkv)  # hop t-1's block accumulator, one hop behind K/V
     segs = _src_segments(cfg, seg_kv_all, t)
     dq, dkv = _dispatch(cfg, t, make, dq, dkv, q, kv, seg_q, segs, out, lse, do, delta, dlse)
+    if kv_next is not None and cfg.barrier:
+      kv_next, dq, dkv = lax.optimization_barrier((kv_next, dq, dkv))
     kv = kv_next
-  dkv = _shift(cfg, dkv)  # home: block r's dK/dV end where they started
+  # Home: block r's dK/dV end where they started. This last send cannot overlap anything, so it goes in the
+  # output dtype: rounding before or after the transfer is the same operation, the bytes halve for bf16.
+  if k.dtype == v.dtype:
+    dkv = _shift(cfg, dkv.astype(k.dtype))
+    return dq.astype(q.dtype), dkv[0], dkv[1]
+  dkv = _shift(cfg, dkv)
   return dq.astype(q.dtype), dkv[0].astype(k.dtype), dkv[1].astype(v.dtype)
 
 
@@ -701,6 +718,7 @@ def ring_attention(
   tokens_per_frame: int | None = None,
   _permute: bool = True,
   _uniform: bool = True,
+  _barrier: bool = True,
 ):
   """Ring attention of GLOBAL q [B, T, Hq, D], k/v [B, T, Hkv, D] sharded over `axis_name` on the token dim.
 
@@ -715,6 +733,7 @@ def ring_attention(
     tokens_per_frame: frame size of the frame_striped layout; defaults to mask.tokens_per_frame.
     _permute: benchmark only. False skips the K/V transfers (wrong results) to time the compute alone.
     _uniform: False always dispatches hops with different per-device plans by `lax.switch` (benchmarks, tests).
+    _barrier: False drops the optimization barriers that pin each transfer to one hop (benchmarks).
   """
   from pallas_kernels import reference  # noqa: PLC0415
 
@@ -764,7 +783,7 @@ def ring_attention(
   if impl == "cudnn":  # fail before tracing, naming the hop mask cuDNN cannot do
     for call in (c for plan in plans for c in plan):
       _cudnn_check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
-  cfg = _RingCfg(axis_name, n, plans, table, uniform, impl, scale, _permute)
+  cfg = _RingCfg(axis_name, n, plans, table, uniform, impl, scale, _permute, _barrier)
   batch, heads = _mesh_axes(mesh, b, hq, k.shape[2])
   qspec = P(batch, axis_name, heads, None)
   lse_spec = P(batch, heads, axis_name)
