@@ -183,3 +183,16 @@ def test_errors_name_the_field(tmp_path):
   small.data.height = small.data.width = 16
   with pytest.raises(config_lib.ConfigError, match="config.eval.tiers: tier 'b'"):
     grid_lib.check_tier(small, "b", 4)
+
+
+def test_heatmap_checks_grid_against_labels(tmp_path):
+  from vidlm.eval import plotting
+
+  values = np.array([[0.0, 0.5, 1.0], [1.0, 0.25, 0.0]])
+  path = plotting.heatmap(tmp_path / "h.png", values, row_labels=["0%", "100%"], col_labels=["8f", "16f", "32f"],
+                          xlabel="length", ylabel="depth", title="t")
+  img = mpimg.imread(path)
+  assert img.ndim == 3 and img.std() > 0  # not a blank canvas
+  with pytest.raises(ValueError, match="heatmap: values"):
+    plotting.heatmap(tmp_path / "bad.png", values, row_labels=["0%"], col_labels=["8f", "16f", "32f"],
+                     xlabel="x", ylabel="y", title="t")
