@@ -1,9 +1,10 @@
 """End to end through the command line: `vidlm train` the demo's :smoke variant, `vidlm eval` it (fresh process,
 restore from the checkpoint), `vidlm demo` on the same workdir (resumes without retraining, prints the table), and
-`experiments/eval_only.py:RUN` restoring the run into another workdir."""
+`experiments/eval_only.py:RUN` restoring the run into another workdir on two processes (jax.distributed)."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,14 @@ def run_dir(tmp_path_factory) -> Path:
   return workdir
 
 
-def test_eval_cli_restores_and_writes_everything(run_dir):
+@pytest.fixture(scope="module")
+def eval_results(run_dir) -> dict:
   proc = _run("eval", *SMOKE, "--workdir", str(run_dir))
-  results = json.loads(proc.stdout[proc.stdout.index("{"):])
+  return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def test_eval_cli_restores_and_writes_everything(run_dir, eval_results):
+  results = eval_results
   smoke = config_lib.load_config("experiments/demo.py:smoke")
   assert results["step"] == smoke.train.steps
   assert results["checkpoint"] == str(run_dir / "checkpoints")
@@ -69,16 +75,40 @@ def test_demo_cli_resumes_and_prints_table(run_dir):
   assert "NIAVH exact match" in summary and "plots:" in summary
 
 
-def test_eval_only_config_restores_another_run(run_dir, tmp_path):
+def test_eval_only_config_reads_the_run(run_dir, tmp_path):
+  """eval_only.py:RUN takes the architecture from the run (its restore is exercised by the two-process test)."""
   cfg = config_lib.load_config(f"experiments/eval_only.py:{run_dir}")
   trained = config_lib.from_dict(json.loads((run_dir / "config.json").read_text()))
-  assert cfg.model == trained.model and cfg.data == trained.data
+  assert cfg.model == trained.model and cfg.data == trained.data and cfg.eval.tiers == trained.eval.tiers
   assert cfg.checkpoint.restore_from == str(run_dir)
-  workdir = tmp_path / "eval_only"
-  proc = _run("eval", "--config", f"experiments/eval_only.py:{run_dir}", "--workdir", str(workdir),
-              "--config.eval.evaluators=niavh", "--config.eval.length_multipliers=1", "--config.eval.tiers=a")
-  results = json.loads(proc.stdout[proc.stdout.index("{"):])
-  assert results["step"] == trained.train.steps and results["checkpoint"] == str(run_dir / "checkpoints")
-  assert (workdir / "eval" / "niavh_a.png").is_file() and not (workdir / "checkpoints").exists()
+  assert config_lib.load_config(f"experiments/eval_only.py:{run_dir / 'checkpoints'}").model == trained.model
   with pytest.raises(config_lib.ConfigError, match="not a directory"):
     config_lib.load_config(f"experiments/eval_only.py:{tmp_path / 'missing'}")
+
+
+def test_two_process_eval_matches_one_process(run_dir, eval_results, tmp_path):
+  """jax.distributed on localhost: each process feeds its slice of every batch; results equal the 1-process ones."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / "two_proc"
+  cmd = [sys.executable, "-m", "vidlm.cli", "eval", "--config", f"experiments/eval_only.py:{run_dir}",
+         "--workdir", str(workdir)]
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", XLA_FLAGS="", VIDLM_COORDINATOR=f"127.0.0.1:{port}",
+               VIDLM_NUM_PROCESSES="2", VIDLM_PROCESS_ID=str(pid), VIDLM_LOCAL_DEVICE_COUNT="2")
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[-3000:] for o in outs]
+  two = json.loads((workdir / "eval" / "results.json").read_text())
+  assert two["checkpoint"] == str(run_dir / "checkpoints") and not (workdir / "checkpoints").exists()
+  assert two["step"] == eval_results["step"]
+  one = eval_results
+  for tier, r in one["niavh"]["tiers"].items():
+    assert two["niavh"]["tiers"][tier]["accuracy"] == r["accuracy"]
+  for a, b in zip(one["niavh"]["cells"], two["niavh"]["cells"]):
+    assert a["correct"] == b["correct"] and b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+  for a, b in zip(one["ppl_vs_length"]["lengths"], two["ppl_vs_length"]["lengths"]):
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["exact_match"] == a["exact_match"]
+  assert two["loss"]["loss"] == pytest.approx(one["loss"]["loss"], rel=1e-4)
