@@ -282,8 +282,8 @@ def _col(ref):
 
 
 def _row(x):
-  """An [n, 1] column as a [1, n] row."""
-  return x[:, 0][None, :]
+  """An [n, 1] column as a [1, n] row, through a lane-replicated 2D transpose (no 1D vector relayout)."""
+  return jnp.transpose(jnp.broadcast_to(x, (x.shape[0], LANES)))[:1, :]
 
 
 # ---------------------------------------------------------------------------------------------------------------
