@@ -410,6 +410,7 @@ def test_block_sparse_layout_edge_cases():
 
 
 def test_fallbacks_warn_and_stay_correct():
+  ops._warn_once.cache_clear()  # warnings are once per process; earlier tests may have used them up
   # lengths no block divides: the TPU/interpret path falls back to the reference, loudly
   q, k, v = _small(7, b=1, t=201, s=203, hq=2, hkv=1)
   with pytest.warns(UserWarning, match="falling back to the dense reference"):
