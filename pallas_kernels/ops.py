@@ -143,11 +143,13 @@ def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config) -> _Static
     return _Static("reference", mask, scale, None)
   if backend in ("tpu", "interpret"):
     cfg = _tpu_config(q.shape[1], k.shape[1], config, layout, backend)
-    if tpu_flash.supports(q, k, v, segment_ids, mask, layout=layout, config=cfg):
+    if tpu_flash.supports(q, k, v, segment_ids, mask, layout=layout, config=cfg, hardware=backend == "tpu"):
       return _Static(backend, mask, scale, cfg)
     _warn_once(
-      f"pallas_kernels.ops: lengths T={q.shape[1]}, S={k.shape[1]} are not multiples of the TPU kernel's "
-      "blocks (pass config=TpuFlashConfig(...) or pad the sequence); falling back to the dense reference"
+      f"pallas_kernels.ops: lengths T={q.shape[1]}, S={k.shape[1]} do not fit the TPU kernel's blocks "
+      f"(config={cfg}, layout blocks={None if layout is None else (layout.block_q, layout.block_kv)}; on a TPU "
+      "blocks must be multiples of 128 dividing the lengths): pass config=TpuFlashConfig(...) or pad the "
+      "sequence; falling back to the dense reference"
     )
     return _Static("reference", mask, scale, None)
   return _Static("reference", mask, scale, None)

@@ -55,7 +55,8 @@ class TpuFlashConfig:
 
   With a `BlockLayout` the layout's own block sizes are used for every kernel (the layout is in their units).
   Blocks are clipped to the sequence length; lengths must be multiples of the blocks (see `supports`).
-  On real TPUs block_kv should be a multiple of 128 and block_q of 8.
+  On a real TPU every block must be a multiple of 128 or the whole sequence: lse, delta and segment-id blocks
+  are rows with the block in the lane dimension (Mosaic rejects anything else at lowering).
   """
 
   block_q: int = 128
@@ -72,14 +73,20 @@ def _blocks(t: int, s: int, cfg: TpuFlashConfig, layout: BlockLayout | None) -> 
   return bq, bk, bq2, bk2
 
 
-def supports(q, k, v, segment_ids, mask: MaskSpec, layout: BlockLayout | None = None, config=None) -> bool:
-  """Whether these kernels handle the inputs (lengths must be multiples of the blocks)."""
+def supports(
+  q, k, v, segment_ids, mask: MaskSpec, layout: BlockLayout | None = None, config=None, *, hardware: bool = False
+) -> bool:
+  """Whether these kernels handle the inputs: lengths must be multiples of the blocks, and on a real TPU
+  (`hardware=True`) blocks must also be lane-sized (multiples of 128, or the whole sequence)."""
   del v, segment_ids, mask
   cfg = config or TpuFlashConfig()
   t, s = q.shape[1], k.shape[1]
-  return all(t % b == 0 for b in _blocks(t, s, cfg, layout)[::2]) and all(
-    s % b == 0 for b in _blocks(t, s, cfg, layout)[1::2]
-  )
+  bq, bk, bq2, bk2 = _blocks(t, s, cfg, layout)
+  if any(t % b for b in (bq, bq2)) or any(s % b for b in (bk, bk2)):
+    return False
+  if hardware:
+    return all(b % 128 == 0 or b == n for b, n in ((bq, t), (bq2, t), (bk, s), (bk2, s)))
+  return True
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -160,3 +160,12 @@ def test_cross_lowers_to_mosaic_tpu(mask, segments, layout_heads, dtype, group):
   assert text.count("tpu_custom_call") == 3  # forward, dQ, dK/dV
   for name in ("vidlm_flash_fwd", "vidlm_flash_dq", "vidlm_flash_dkv"):
     assert name in text
+
+
+def test_supports_requires_lane_sized_blocks_on_hardware():
+  q = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  cfg = flash.TpuFlashConfig(block_q=64, block_kv=128)
+  assert flash.supports(q, q, q, None, MaskSpec.causal(), config=cfg)
+  assert not flash.supports(q, q, q, None, MaskSpec.causal(), config=cfg, hardware=True)
+  assert flash.supports(q, q, q, None, MaskSpec.causal(), config=flash.TpuFlashConfig(256, 128), hardware=True)
+  assert not flash.supports(q, q, q, None, MaskSpec.causal(), config=flash.TpuFlashConfig(96, 128))
