@@ -868,16 +868,22 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
   return dict(zip(parts, outs, strict=True))
 
 
-def flash_backward(q, k, v, segment_ids, out, lse, dout, *, mask: MaskSpec, scale: float, interpret=False, config=None):
+def flash_backward(
+  q, k, v, segment_ids, out, lse, dout, *, mask: MaskSpec, scale: float, interpret=False, config=None, dlse=None
+):
   """(dq [B, T, Hq, D], dk [B, S, Hkv, D], dv [B, S, Hkv, D]) in the input dtypes.
 
   delta = rowsum(out * dout) is computed in XLA (one cheap pass). lse = -inf rows (nothing visible) are
   mapped to +inf in log2 units so that P = exp2(s - lse) is exactly 0 there.
+  dlse [B, Hq, T] (optional): cotangent of the returned lse (ring attention merges hops with it). Since
+  d lse / d s = P, it only shifts delta: dS = P * (dP - (delta - dlse)); the kernels are unchanged.
   """
   b, t, hq, d = q.shape
   cfg = _resolve_config(config, d)
   _check(q, k, v, segment_ids, mask, cfg)
   delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
   lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf).astype(jnp.float32)
   if segment_ids is not None:
     segment_ids = (segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32))
