@@ -1,0 +1,45 @@
+"""~1.1B-parameter VideoLM trained at 1M tokens per example with ring attention on 4 GPUs.
+
+Command (one host, 4x H200, 141 GB each):
+  vidlm train --config experiments/ring_1m.py --workdir runs/ring_1m
+Variants: `:seq=8` for 8 GPUs (same sequence, half the tokens per device); `:smoke` shrinks everything so the
+same code path (ring + fsdp + remat + bf16) runs on 8 fake CPU devices in seconds.
+
+Layout: mesh (data=1, fsdp=1, seq=4, tensor=1). Every attention layer is a zigzag ring over `seq` (262,144
+tokens per GPU, causal work balanced across hops); weights, gradients and Adam moments are FSDP-sharded over
+("fsdp", "seq"), so each GPU holds a quarter of them; every layer is rematerialised (`remat=full`) so only the
+layer inputs (1M x 2048 bf16 = 4 GiB across the ring) are kept for the backward pass.
+
+Sequence: 4096 frames of 256x256 in 16x16 tubelets (256 tokens per frame) = 1,048,576 video tokens + 1024 text
+tokens. Expected: see BENCHMARKS.md "Ring attention" for what was measured (step time, MFU, peak memory).
+"""
+
+from vidlm.config import Config, MeshConfig
+
+
+def get_config(arg: str | None = None) -> Config:
+  cfg = Config(name="ring_1m")
+  m = cfg.model
+  m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2048, 24, 16, 4, 128, 5632
+  m.tubelet, m.dtype, m.param_dtype, m.remat = (1, 16, 16), "bfloat16", "float32", "full"
+  m.rope_theta = 10_000_000.0  # long context: LWM uses 1e7 at 1M tokens
+  cfg.attention.impl, cfg.attention.ring_layout = "ring", "zigzag"
+  cfg.mesh = MeshConfig(data=1, fsdp=1, seq=4, tensor=1)
+  d = cfg.data
+  d.frames, d.height, d.width, d.text_len = 4096, 256, 256, 1024
+  d.num_train, d.num_eval, d.tiers = 256, 16, ("a", "b", "c")
+  t = cfg.train
+  t.steps, t.batch_size, t.lr, t.warmup_steps, t.log_every = 1000, 1, 3e-4, 50, 1
+  cfg.checkpoint.every = 50
+  cfg.eval.batch_size = 1
+  if arg and arg.startswith("seq="):
+    cfg.mesh.seq = int(arg.split("=", 1)[1])
+  elif arg == "smoke":
+    m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 64, 2, 4, 2, 16, 128
+    m.tubelet, m.dtype = (1, 8, 8), "float32"
+    d.frames, d.height, d.width, d.text_len, d.num_train, d.num_eval = 8, 32, 32, 64, 16, 4
+    t.steps, t.batch_size = 2, 2
+    cfg.mesh = MeshConfig(data=2, fsdp=1, seq=4, tensor=1)
+  elif arg:
+    raise ValueError(f"experiments/ring_1m.py: unknown variant {arg!r}; expected seq=N or smoke")
+  return cfg
