@@ -134,6 +134,7 @@ _INTERP_CASES = [
   (jnp.float16, 64, 2, 2, 128, 128, MaskSpec.window(40, 10).shifted(0, 0), True),
   (jnp.bfloat16, 64, 2, 1, 128, 256, MaskSpec.frame_causal(48, 96).shifted(64, 0), True),
   (jnp.bfloat16, 64, 1, 1, 128, 128, MaskSpec.causal().shifted(0, 64), False),  # fully masked rows
+  (jnp.bfloat16, 64, 1, 1, 128, 128, MaskSpec.causal().shifted(0, 1000), False),  # a ring hop that sees nothing
 ]
 
 
