@@ -251,3 +251,14 @@ def test_ring_errors_are_clear():
       ring.ring_attention(q[:, :60], k[:, :60], v[:, :60], mask=MaskSpec.causal(), token_layout="zigzag")
     with pytest.raises(ValueError, match="local_impl='cudnn'"):
       ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(4), token_layout="zigzag", local_impl="cudnn")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_backward_pack_roundtrip(dtype):
+  """K/V and the fp32 dK/dV accumulator travel as one bit-cast buffer in the backward: lossless."""
+  kv = jax.random.normal(jax.random.key(0), (2, 1, 8, 2, 16), dtype)
+  dkv = jax.random.normal(jax.random.key(1), (2, 1, 8, 2, 16), jnp.float32)
+  kv2, dkv2 = ring._unpack(ring._pack(kv, dkv), kv.dtype)
+  assert kv2.dtype == kv.dtype and dkv2.dtype == jnp.float32
+  assert np.array_equal(np.asarray(kv2, np.float32), np.asarray(kv, np.float32))
+  assert np.array_equal(np.asarray(dkv2), np.asarray(dkv))
