@@ -16,6 +16,8 @@ from vidlm.eval.scoring import Scorer
 from vidlm.train import step as step_lib
 from vidlm.train.loop import Trainer, global_batch
 
+pytestmark = pytest.mark.xdist_group("eval_evaluators")  # one worker builds the trained fixture once
+
 
 def tiny_config() -> config_lib.Config:
   cfg = config_lib.Config(name="eval_test")
