@@ -63,6 +63,9 @@ class TpuFlashConfig:
   block_kv: int = 128
   block_q_dkv: int | None = None  # defaults to block_q
   block_kv_dkv: int | None = None  # defaults to block_kv
+  # forward / dQ: one program computes all G query heads of a kv head (rows = G * block_q), so each K/V tile
+  # is fetched once per group instead of G times. Needs a schedule shared by the group (no per-head layout).
+  group_heads: bool = True
 
 
 def _blocks(t: int, s: int, cfg: TpuFlashConfig, layout: BlockLayout | None) -> tuple[int, int, int, int]:
@@ -278,6 +281,41 @@ def _out_struct(shape, dtype, *like) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=ManualAxisType(varying=varying))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+  """Head programs of the q-major kernels: each covers `rows` consecutive q heads of one kv head's group."""
+
+  group: int  # G = Hq // Hkv
+  rows: int  # G (grouped) or 1
+
+  @property
+  def per_kv(self) -> int:
+    return self.group // self.rows
+
+  def kv_head(self, hp):
+    return hp // self.per_kv
+
+  def g_block(self, hp):
+    return hp % self.per_kv
+
+  def q_head(self, hp):
+    """First q head of the program (the one whose layout row the schedule reads)."""
+    return self.kv_head(hp) * self.group + self.g_block(hp) * self.rows
+
+
+def _heads(cfg: TpuFlashConfig, group: int, layout: BlockLayout | None) -> _Heads:
+  shared = layout is None or layout.kv_indices.shape[1] == 1
+  return _Heads(group, group if (cfg.group_heads and shared) else 1)
+
+
+def _rows_where(vis, x, fill, rows: int):
+  """where(vis, x, fill) for x = [rows * bq, bk] stacked heads and a per-head [bq, bk] visibility."""
+  if rows == 1:
+    return jnp.where(vis, x, fill)
+  bq = vis.shape[0]
+  return jnp.where(vis[None], x.reshape(rows, bq, x.shape[1]), fill).reshape(x.shape)
+
+
 def _seg_rows(segment_ids):
   """Segment ids as rows [B, 1, T], [B, 1, S]: O(T) memory; kernels turn a block into a column when needed."""
   return tuple(x.astype(jnp.int32)[:, None, :] for x in segment_ids)
@@ -286,6 +324,12 @@ def _seg_rows(segment_ids):
 def _col(ref):
   """A [1, n] row block read as an [n, 1] column."""
   return ref[0][:, None]
+
+
+def _stack_cols(ref, rows: int):
+  """[rows, 1, n] row blocks read as one [rows * n, 1] column (heads stacked like the q rows)."""
+  cols = [ref[g][0][:, None] for g in range(rows)]
+  return cols[0] if rows == 1 else jnp.concatenate(cols, axis=0)
 
 
 def _row(x):
@@ -298,13 +342,14 @@ def _row(x):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, group, has_seg):
+def _fwd_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, heads: _Heads, mask, scale, bq, bk, has_seg):
   if has_seg:
     q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
   else:
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-  del group
+  b, hp, i, j = (pl.program_id(a) for a in range(4))
+  h = heads.q_head(hp)
+  rows = heads.rows
 
   @pl.when(j == 0)
   def _init():
@@ -317,11 +362,11 @@ def _fwd_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, gro
   rel = mask.tile_relation(q_start, kv_start, bq, bk)
 
   def body(masked: bool):
-    q, k, v = q_ref[...], k_ref[...], v_ref[...]
-    s = _dot(q, k, 1, 1) * scale  # [bq, bk]
+    q, k, v = q_ref[...].reshape(rows * bq, -1), k_ref[...], v_ref[...]
+    s = _dot(q, k, 1, 1) * scale  # [rows * bq, bk]
     if masked:
       ids = (_col(qs_ref), ks_ref[...]) if has_seg else (None, None)
-      s = jnp.where(_visible(mask, q_start, kv_start, s.shape, False, *ids), s, -jnp.inf)
+      s = _rows_where(_visible(mask, q_start, kv_start, (bq, bk), False, *ids), s, -jnp.inf, rows)
     m_prev = m_sc[...][:, :1]
     l_prev = l_sc[...][:, :1]
     m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
@@ -341,9 +386,11 @@ def _fwd_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, gro
     l = l_sc[...][:, :1]
     m = m_sc[...][:, :1]
     seen = l > 0
-    o_ref[...] = jnp.where(seen, acc_sc[...] / jnp.where(seen, l, 1.0), 0.0).astype(o_ref.dtype)
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)  # [bq, 1]
-    lse_ref[...] = _row(lse)
+    out = jnp.where(seen, acc_sc[...] / jnp.where(seen, l, 1.0), 0.0)
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)  # [rows * bq, 1]
+    for g in range(rows):
+      lse_ref[g] = _row(lse[g * bq : (g + 1) * bq])
 
 
 def _resolve(config) -> TpuFlashConfig:
@@ -381,42 +428,48 @@ def flash_forward(
   _check_blocks(t, s, bq, bk, bq2, bk2)
   (sched, arrs), _ = _schedules(mask, layout, b, hq, t, s, bq, bk, bq2, bk2)
   has_seg = segment_ids is not None
+  hd = _heads(cfg, group, layout)
+  r = hd.rows
 
-  def q_map(bi, h, i, j, arr, cnt):
-    return bi, h, i, 0
+  def q_map(bi, hp, i, j, arr, cnt):
+    return bi, hd.kv_head(hp), hd.g_block(hp), i, 0
 
-  def kv_map(bi, h, i, j, arr, cnt):
-    return bi, h // group, sched.block(bi, h, i, j, arr, cnt), 0
+  def kvb(bi, hp, i, j, arr, cnt):
+    return sched.block(bi, hd.q_head(hp), i, j, arr, cnt)
+
+  def kv_map(bi, hp, i, j, arr, cnt):
+    return bi, hd.kv_head(hp), kvb(bi, hp, i, j, arr, cnt), 0
 
   in_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
+    pl.BlockSpec((None, None, r, bq, d), q_map),
     pl.BlockSpec((None, None, bk, d), kv_map),
     pl.BlockSpec((None, None, bk, d), kv_map),
   ]
-  args = [jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
+  args = [jnp.swapaxes(q, 1, 2).reshape(b, hkv, group, t, d), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
   if has_seg:
     in_specs += [
-      pl.BlockSpec((None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, 0, i)),
-      pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, arr, cnt: (bi, 0, sched.block(bi, h, i, j, arr, cnt))),
+      pl.BlockSpec((None, 1, bq), lambda bi, hp, i, j, arr, cnt: (bi, 0, i)),
+      pl.BlockSpec((None, 1, bk), lambda bi, hp, i, j, arr, cnt: (bi, 0, kvb(bi, hp, i, j, arr, cnt))),
     ]
     args += list(_seg_rows(segment_ids))
   out_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
-    pl.BlockSpec((None, None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, h, 0, i)),
+    pl.BlockSpec((None, None, r, bq, d), q_map),
+    pl.BlockSpec((None, None, r, 1, bq), lambda bi, hp, i, j, arr, cnt: (bi, hd.kv_head(hp), hd.g_block(hp), 0, i)),
   ]
   like = (q, k, v, *(segment_ids or ()), *(jax.tree.leaves(layout)))
-  out_shape = [_out_struct((b, hq, t, d), q.dtype, *like), _out_struct((b, hq, 1, t), jnp.float32, *like)]
-  scratch = [
-    pltpu.VMEM((bq, LANES), jnp.float32),
-    pltpu.VMEM((bq, LANES), jnp.float32),
-    pltpu.VMEM((bq, d), jnp.float32),
+  out_shape = [
+    _out_struct((b, hkv, group, t, d), q.dtype, *like),
+    _out_struct((b, hkv, group, 1, t), jnp.float32, *like),
   ]
-  kernel = functools.partial(
-    _fwd_kernel, sched=sched, mask=mask, scale=scale, bq=bq, bk=bk, group=group, has_seg=has_seg
-  )
+  scratch = [
+    pltpu.VMEM((r * bq, LANES), jnp.float32),
+    pltpu.VMEM((r * bq, LANES), jnp.float32),
+    pltpu.VMEM((r * bq, d), jnp.float32),
+  ]
+  kernel = functools.partial(_fwd_kernel, sched=sched, heads=hd, mask=mask, scale=scale, bq=bq, bk=bk, has_seg=has_seg)
   out, lse = _call(
     kernel,
-    grid=(b, hq, t // bq, sched.width),
+    grid=(b, hkv * hd.per_kv, t // bq, sched.width),
     in_specs=in_specs,
     out_specs=out_specs,
     out_shape=out_shape,
@@ -425,7 +478,7 @@ def flash_forward(
     semantics=("parallel", "parallel", "parallel", "arbitrary"),
     name="vidlm_flash_fwd",
   )(*arrs, *args)
-  return jnp.swapaxes(out, 1, 2), lse[:, :, 0, :]
+  return jnp.swapaxes(out.reshape(b, hq, t, d), 1, 2), lse.reshape(b, hq, t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,12 +486,14 @@ def flash_forward(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dq_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, has_seg):
+def _dq_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, heads: _Heads, mask, scale, bq, bk, has_seg):
   if has_seg:
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qs_ref, ks_ref, dq_ref, acc_sc = refs
   else:
     q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, dq_ref, acc_sc = refs
-  b, h, i, j = (pl.program_id(a) for a in range(4))
+  b, hp, i, j = (pl.program_id(a) for a in range(4))
+  h = heads.q_head(hp)
+  rows = heads.rows
 
   @pl.when(j == 0)
   def _init():
@@ -449,16 +504,17 @@ def _dq_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, has_
   rel = mask.tile_relation(q_start, kv_start, bq, bk)
 
   def body(masked: bool):
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    lse = _col(lse_ref)  # [bq, 1]
-    di = _col(di_ref)
+    q, k, v = q_ref[...].reshape(rows * bq, -1), k_ref[...], v_ref[...]
+    do = do_ref[...].reshape(rows * bq, -1)
+    lse = _stack_cols(lse_ref, rows)  # [rows * bq, 1]
+    di = _stack_cols(di_ref, rows)
     lse = jnp.where(lse == -jnp.inf, 0.0, lse)
     s = _dot(q, k, 1, 1) * scale
     p = jnp.exp(s - lse)
     if masked:
       ids = (_col(qs_ref), ks_ref[...]) if has_seg else (None, None)
-      p = jnp.where(_visible(mask, q_start, kv_start, s.shape, False, *ids), p, 0.0)
-    dp = _dot(do, v, 1, 1)  # [bq, bk]
+      p = _rows_where(_visible(mask, q_start, kv_start, (bq, bk), False, *ids), p, 0.0, rows)
+    dp = _dot(do, v, 1, 1)  # [rows * bq, bk]
     ds = p * (dp - di)
     acc_sc[...] += _dot(ds.astype(k.dtype), k, 1, 0)
 
@@ -468,7 +524,7 @@ def _dq_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, has_
 
   @pl.when(j == sched.width - 1)
   def _finish():
-    dq_ref[...] = (acc_sc[...] * scale).astype(dq_ref.dtype)
+    dq_ref[...] = (acc_sc[...] * scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(arr_ref, cnt_ref, *refs, sched: _Sched, mask, scale, bq, bk, group, has_seg):
@@ -553,34 +609,44 @@ def flash_backward(
   lse_r, di_r = lse[:, :, None, :], di[:, :, None, :]  # [B, Hq, 1, T]
 
   # ---- dQ ----
-  def q_map(bi, h, i, j, arr, cnt):
-    return bi, h, i, 0
+  hd = _heads(cfg, group, layout)
+  r = hd.rows
 
-  def kv_map(bi, h, i, j, arr, cnt):
-    return bi, h // group, fs.block(bi, h, i, j, arr, cnt), 0
+  def q_map(bi, hp, i, j, arr, cnt):
+    return bi, hd.kv_head(hp), hd.g_block(hp), i, 0
+
+  def row_map_q(bi, hp, i, j, arr, cnt):
+    return bi, hd.kv_head(hp), hd.g_block(hp), 0, i
+
+  def kvb(bi, hp, i, j, arr, cnt):
+    return fs.block(bi, hd.q_head(hp), i, j, arr, cnt)
+
+  def kv_map(bi, hp, i, j, arr, cnt):
+    return bi, hd.kv_head(hp), kvb(bi, hp, i, j, arr, cnt), 0
 
   in_specs = [
-    pl.BlockSpec((None, None, bq, d), q_map),
+    pl.BlockSpec((None, None, r, bq, d), q_map),
     pl.BlockSpec((None, None, bk, d), kv_map),
     pl.BlockSpec((None, None, bk, d), kv_map),
-    pl.BlockSpec((None, None, bq, d), q_map),
-    pl.BlockSpec((None, None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, h, 0, i)),
-    pl.BlockSpec((None, None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, h, 0, i)),
+    pl.BlockSpec((None, None, r, bq, d), q_map),
+    pl.BlockSpec((None, None, r, 1, bq), row_map_q),
+    pl.BlockSpec((None, None, r, 1, bq), row_map_q),
   ]
-  args = [qt, kt, vt, dot_, lse_r, di_r]
+  grouped = lambda x: x.reshape(b, hkv, group, *x.shape[2:])  # [B, Hq, ...] -> [B, Hkv, G, ...]
+  args = [grouped(qt), kt, vt, grouped(dot_), grouped(lse_r), grouped(di_r)]
   if has_seg:
     in_specs += [
-      pl.BlockSpec((None, 1, bq), lambda bi, h, i, j, arr, cnt: (bi, 0, i)),
-      pl.BlockSpec((None, 1, bk), lambda bi, h, i, j, arr, cnt: (bi, 0, fs.block(bi, h, i, j, arr, cnt))),
+      pl.BlockSpec((None, 1, bq), lambda bi, hp, i, j, arr, cnt: (bi, 0, i)),
+      pl.BlockSpec((None, 1, bk), lambda bi, hp, i, j, arr, cnt: (bi, 0, kvb(bi, hp, i, j, arr, cnt))),
     ]
     args += list(seg)
   dq = _call(
-    functools.partial(_dq_kernel, sched=fs, mask=mask, scale=scale, bq=bq, bk=bk, has_seg=has_seg),
-    grid=(b, hq, t // bq, fs.width),
+    functools.partial(_dq_kernel, sched=fs, heads=hd, mask=mask, scale=scale, bq=bq, bk=bk, has_seg=has_seg),
+    grid=(b, hkv * hd.per_kv, t // bq, fs.width),
     in_specs=in_specs,
-    out_specs=pl.BlockSpec((None, None, bq, d), q_map),
-    out_shape=_out_struct((b, hq, t, d), q.dtype, *like),
-    scratch=[pltpu.VMEM((bq, d), jnp.float32)],
+    out_specs=pl.BlockSpec((None, None, r, bq, d), q_map),
+    out_shape=_out_struct((b, hkv, group, t, d), q.dtype, *like),
+    scratch=[pltpu.VMEM((r * bq, d), jnp.float32)],
     interpret=interpret,
     semantics=("parallel", "parallel", "parallel", "arbitrary"),
     name="vidlm_flash_dq",
@@ -628,4 +694,4 @@ def flash_backward(
     semantics=("parallel", "parallel", "parallel", "arbitrary"),
     name="vidlm_flash_dkv",
   )(*barr, *args)
-  return jnp.swapaxes(dq, 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)
+  return jnp.swapaxes(dq.reshape(b, hq, t, d), 1, 2), jnp.swapaxes(dk, 1, 2), jnp.swapaxes(dv, 1, 2)

@@ -87,8 +87,12 @@ def make_case(seed: int) -> Case:
   if rng.random() < 0.3:
     layout_shape = (int(rng.choice([1, b])), int(rng.choice([1, hq])))
   bq_dkv = 64 if (layout_shape is None and t % 64 == 0 and rng.random() < 0.3) else BLOCK
-  config = TpuFlashConfig(block_q=BLOCK, block_kv=BLOCK, block_q_dkv=bq_dkv, block_kv_dkv=BLOCK)
-  return Case(seed, b, t, s, hq, hkv, d, dtype, mask, segments, layout_shape, config, bool(rng.random() < 0.75))
+  return_lse = bool(rng.random() < 0.75)
+  group_heads = bool(rng.random() < 0.7)  # one program per GQA group (default) or per q head
+  config = TpuFlashConfig(
+    block_q=BLOCK, block_kv=BLOCK, block_q_dkv=bq_dkv, block_kv_dkv=BLOCK, group_heads=group_heads
+  )
+  return Case(seed, b, t, s, hq, hkv, d, dtype, mask, segments, layout_shape, config, return_lse)
 
 
 def make_inputs(case: Case):
@@ -193,6 +197,9 @@ def test_config_sweep_covers_the_space():
   assert any(c.mask.q_offset or c.mask.kv_offset for c in cases)
   assert any(c.mask.kind == "frame_causal" and c.mask.video_tokens for c in cases)
   assert any(not c.return_lse for c in cases) and any(c.config.block_q_dkv != BLOCK for c in cases)
+  dense_gqa = [c for c in cases if c.hq > c.hkv and c.layout_shape is None]
+  assert any(c.config.group_heads for c in dense_gqa) and any(not c.config.group_heads for c in dense_gqa)
+  assert any(c.hq > c.hkv and c.layout_shape and c.layout_shape[1] > 1 for c in cases)  # per-head lists
 
 
 @pytest.mark.parametrize("seed", range(N_CONFIGS))
