@@ -17,9 +17,11 @@ dK/dV, the q blocks that a kv block visits) form a *schedule* handed to the kern
                   bound: O(nQ * nK) metadata and grid steps per layout head.
 
 Inside a tile the mask is evaluated from the MaskSpec (`tile_relation` picks the unmasked path for FULL tiles)
-plus segment ids; nothing dense is ever built. GQA maps q head h to kv head h // group in the index maps (K/V
-are never repeated); dK/dV loop over the group's q heads inside one kv-head program, so the reduction over
-the group happens in VMEM and is deterministic.
+plus segment ids; nothing dense is ever built. GQA never repeats K/V: the forward and dQ programs take all G
+query heads of a kv head at once (a [G * block_q, D] q tile against one K/V tile, so each K/V tile is fetched
+once per group and the MXU sees G times more rows), unless a per-head layout gives each head its own
+schedule; dK/dV loop over the group's q heads inside one kv-head program, so the reduction over the group
+happens in VMEM and is deterministic.
 
 Shapes follow the attention contract: q [B, T, Hq, D], k/v [B, S, Hkv, D], out [B, T, Hq, D], lse [B, Hq, T]
 fp32 (fully-masked rows: out 0, lse -inf). The kernels work in [B, H, T, D] (sequence x head_dim tiles are
