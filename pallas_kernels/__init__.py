@@ -4,6 +4,7 @@ Public API:
   MaskSpec, BlockLayout, TileRelation           mask / block-sparse descriptions (pallas_kernels.layout)
   reference_attention                           fp32 ground truth (pallas_kernels.reference.attention)
   flash_attention, block_sparse_attention       kernels with platform dispatch and custom_vjp (pallas_kernels.ops)
+  attention_forward, attention_backward         the raw kernels, for code with its own custom_vjp (ring attention)
 
 The kernel entry points are imported on first use: importing the package (as every layer does for MaskSpec)
 must not pull in Pallas and the backend kernel modules.
@@ -14,6 +15,8 @@ from pallas_kernels.reference import attention as reference_attention
 
 __all__ = [
   "BlockLayout",
+  "attention_backward",
+  "attention_forward",
   "MaskSpec",
   "TileRelation",
   "block_sparse_attention",
@@ -21,7 +24,7 @@ __all__ = [
   "reference_attention",
 ]
 
-_LAZY = {"flash_attention", "block_sparse_attention"}
+_LAZY = {"flash_attention", "block_sparse_attention", "attention_forward", "attention_backward"}
 
 
 def __getattr__(name: str):

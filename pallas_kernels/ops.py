@@ -14,6 +14,9 @@ Both functions return `out` and, with `return_lse=True`, the fp32 log-sum-exp. T
 ring attention merges hops through (out, lse) and differentiates through the merge, so the backward takes
 the lse cotangent too (it only shifts the per-row delta: dS = P * (dP - delta + dlse)).
 
+`attention_forward` / `attention_backward` expose the same dispatch without the custom_vjp, for code that
+differentiates several kernel calls as one (ring attention feeds every hop's backward the merged out / lse).
+
 Residuals are (inputs, out, lse), tagged with `checkpoint_name` ("flash_out", "flash_lse") so a remat policy
 such as `jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse")` keeps them.
 """
