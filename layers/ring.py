@@ -21,17 +21,18 @@ lse, P_t = exp(s_t - lse) and
 
     dV_t = P_t^T dO,   dS_t = P_t * (dO V_t^T - delta),   dQ += scale dS_t K_t,   dK_t = scale dS_t^T Q.
 
-That is exactly a flash-attention backward fed with the global (out, lse): the "xla" and "cudnn" local
-impls do this (no forward recomputation). For local impls whose backward we cannot feed (the Pallas flash
-op) we use the vjp of the local attention instead: out = sum_t w_t o_t with w_t = exp(lse_t - lse), so
+That is exactly a flash-attention backward fed with the global (out, lse): the "xla", "cudnn" and "flash"
+local impls do this (no forward recomputation). Where no such backward can be fed (the "reference" impl, or a
+`pallas_kernels.ops` without the internal hook) we use the vjp of the local attention instead:
+out = sum_t w_t o_t with w_t = exp(lse_t - lse), so
 
     d o_t = w_t dO,    d lse_t = w_t (rowsum(dO * o_t) - rowsum(dO * out) + dL) = w_t (rowsum(dO * o_t) - delta),
 
 and jax.vjp of the hop's (o_t, lse_t) with those cotangents gives the hop's (dq, dk, dv) exactly (at the
 price of recomputing the hop's forward). dQ stays local and accumulates in fp32. dK/dV accumulate in fp32
 in a buffer that travels with the block, one hop behind K/V: at the top of hop t we send the dK/dV
-accumulated for hop t-1's block (which overlaps hop t's compute); after the last hop one more send brings
-every block's dK/dV home.
+accumulated for hop t-1's block (which overlaps hop t's compute), bit-cast into the same buffer as the next
+K/V so a backward hop is one collective too; after the last hop one more send brings every block's dK/dV home.
 
 Token layouts. The global sequence is stored in a permuted order (`token_permutation`) so that causal
 work is balanced over the ring; the mask spec stays in ORIGINAL positions:
@@ -41,8 +42,10 @@ work is balanced over the ring; the mask spec stays in ORIGINAL positions:
   frame_striped  whole frames dealt round robin: device r holds  Causal and frame-causal: every hop is about
                  frames r, r+N, r+2N, ...                         half a block, frames stay intact.
 For each (device, source) pair we know which original positions the Q and K/V slots hold, so each hop's
-mask is a static `MaskSpec` with offsets (`mask.shifted`), possibly on sub-blocks. Because the device index
-is only known at run time, a hop dispatches with `lax.switch` over the distinct per-device plans (fully
+mask is a static `MaskSpec` with offsets (`mask.shifted`), possibly on sub-blocks. The device index is only
+known at run time, so a hop whose plan differs between devices is dispatched either without a conditional,
+when every device runs the same shapes and masks at different slot offsets (zigzag: two unmasked
+[c/2, c/2] blocks per hop, sliced at per-device offsets), or by `lax.switch` over the distinct plans (fully
 masked hops are an empty branch: skipped). The permute itself is never inside a conditional.
 
 Segment ids (packing): the kv segment ids of the whole sequence are all-gathered once (int32 [B, T] per
@@ -60,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation
@@ -689,9 +693,17 @@ def _ring_out(cfg, q, k, v, seg_q, seg_kv_all):
   return _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)[0]
 
 
-def _ring_out_fwd(cfg, q, k, v, seg_q, seg_kv_all):
+def _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all):
+  """Forward plus residuals; out/lse are named so a remat policy can keep them
+  (`jax.checkpoint_policies.save_only_these_names("ring_out", "ring_lse")`)."""
   out, lse = _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)
-  return out, (q, k, v, seg_q, seg_kv_all, out, lse)
+  out, lse = checkpoint_name(out, "ring_out"), checkpoint_name(lse, "ring_lse")
+  return out, lse, (q, k, v, seg_q, seg_kv_all, out, lse)
+
+
+def _ring_out_fwd(cfg, q, k, v, seg_q, seg_kv_all):
+  out, _, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all)
+  return out, res
 
 
 def _ring_out_bwd(cfg, res, do):
@@ -707,8 +719,8 @@ def _ring_out_lse(cfg, q, k, v, seg_q, seg_kv_all):
 
 
 def _ring_out_lse_fwd(cfg, q, k, v, seg_q, seg_kv_all):
-  out, lse = _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)
-  return (out, lse), (q, k, v, seg_q, seg_kv_all, out, lse)
+  out, lse, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all)
+  return (out, lse), res
 
 
 def _ring_out_lse_bwd(cfg, res, g):

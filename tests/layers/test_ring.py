@@ -7,6 +7,8 @@ relative error ~1e-5. Errors are recorded per ring size and must not grow with t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,6 +160,26 @@ def test_ring_switch_dispatch_for_zigzag():
   with jax.set_mesh(_mesh((1, 1, 4, 1))):
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q[:, perm], k[:, perm], v[:, perm])
   assert max(_rel(a, b[:, perm]) for a, b in zip(grads, ref)) < RTOL
+
+
+def test_ring_under_remat_policy():
+  """jax.checkpoint with the names ring attention tags (ring_out / ring_lse): gradients unchanged."""
+  mask = MaskSpec.causal()
+  q, k, v, g, _, _ = _inputs(14)
+  perm = ring.token_permutation(T, 2, "zigzag")
+  ref = jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask=mask) * g), argnums=(0, 1, 2))(q, k, v)
+  policy = jax.checkpoint_policies.save_only_these_names("ring_out", "ring_lse")
+
+  @functools.partial(jax.checkpoint, policy=policy)
+  def block(q, k, v):
+    return jnp.tanh(ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", local_impl="xla"))
+
+  def loss(q, k, v):
+    return jnp.sum(jnp.arctanh(block(q, k, v)) * g[:, perm])
+
+  with jax.set_mesh(_mesh((1, 1, 2, 1))):
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q[:, perm], k[:, perm], v[:, perm])
+  assert max(_rel(a, b[:, perm]) for a, b in zip(grads, ref)) < 1e-4
 
 
 @pytest.mark.parametrize("local_impl", ["xla", "reference"])
