@@ -436,3 +436,23 @@ def test_fallbacks_warn_and_stay_correct():
 
 def test_default_backend_on_cpu_is_interpret():
   assert jax.default_backend() != "cpu" or ops.default_backend() == "interpret"
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_gpu_dispatch_cross_lowers_to_mosaic_gpu(return_lse):
+  """On a GPU the op must run the Mosaic GPU forward, dQ and dK/dV kernels (the lse cotangent included), not
+  the dense fallback: lower jit(grad) for CUDA on this CPU machine and count the kernels."""
+  q = jax.ShapeDtypeStruct((1, 512, 4, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((1, 512, 2, 128), jnp.bfloat16)
+  seg = (jax.ShapeDtypeStruct((1, 512), jnp.int32),) * 2
+
+  def loss(q, k, v, seg):
+    res = ops.flash_attention(q, k, v, mask=MaskSpec.causal(), segment_ids=seg, return_lse=return_lse, backend="gpu")
+    out, lse = res if return_lse else (res, None)
+    total = jnp.sum(out.astype(jnp.float32))
+    return total if lse is None else total + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0))
+
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message="pallas_kernels.ops")  # a fallback warning fails the test
+    text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, seg).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @mosaic_gpu") == 3
