@@ -89,7 +89,9 @@ def _tpu_config(t: int, s: int, config, layout: BlockLayout | None, backend: str
   The TPU defaults are untuned (no TPU was available while writing them): 512 / 256 / 128 as they divide.
   """
   if config is not None and not isinstance(config, tpu_flash.TpuFlashConfig):
-    raise TypeError(f"flash_attention(config=...): the tpu/interpret backends take a TpuFlashConfig, got {config!r}")
+    # a GPU config in a model config that also runs on CPU/TPU: the block sizes are per backend
+    _warn_once(f"pallas_kernels.ops: the {backend} backend ignores config={config!r} (it takes a TpuFlashConfig)")
+    config = None
   if config is not None or layout is not None:
     return config
 
@@ -129,6 +131,8 @@ def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config) -> _Static
       )
       gpu = None
     if gpu is not None:
+      if isinstance(config, tpu_flash.TpuFlashConfig):
+        config = None  # block sizes are per backend
       kw = {"config": config} if config is not None else {}
       if layout is not None and _accepts(gpu.supports, "layout"):
         kw["layout"] = layout
