@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "data":
       return _delegate("vidlm.data.commands", rest)
     if cmd == "bench":
-      if not rest or rest[0] not in ("attention", "ring"):
-        print("usage: vidlm bench attention|ring [options]", file=sys.stderr)
+      if not rest or rest[0] not in ("attention", "ring", "train_step"):
+        print("usage: vidlm bench attention|ring|train_step [options]", file=sys.stderr)
         return 2
       return _delegate(f"vidlm.bench.{rest[0]}", rest[1:])
   except config_lib.ConfigError as e:

@@ -60,8 +60,12 @@ class Trainer:
       optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg.train), wrt=nnx.Param)
       self.graphdef, self.state = nnx.split((model, optimizer))
     self.schedule = optim.learning_rate_schedule(cfg.train)
+    # pin the output state to the input shardings: otherwise XLA may pick others and step 2 recompiles
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     self.train_step = jax.jit(
-      step_lib.make_train_step(self.graphdef, cfg.train.grad_accum, self.schedule), donate_argnums=0
+      step_lib.make_train_step(self.graphdef, cfg.train.grad_accum, self.schedule),
+      donate_argnums=0,
+      out_shardings=(state_shardings, None),
     )
     self.eval_step = jax.jit(step_lib.make_eval_step(self.graphdef))
     self.seq_len = config_lib.sequence_length(cfg)
