@@ -13,7 +13,7 @@ def test_train_step_bench_reports(tmp_path):
   res = json.loads(out.read_text())
   assert res["num_devices"] == 8 and res["params"] > 1e5
   assert len(res["step_times_s"]) == 2 and res["step_s"] > 0
-  assert abs(res["tokens_per_s"] - 8 * res["sequence_length"] / res["step_s"]) < 1e-3 * res["tokens_per_s"] + 1
+  assert abs(res["tokens_per_s"] - 8 * res["sequence_length"] / res["step_s"]) < 0.05 * res["tokens_per_s"]  # step_s is rounded to ms
   # no recompilation after the first step: timed steps are far faster than the compiling one
   assert max(res["step_times_s"]) < res["first_step_s_incl_compile"] / 3
   assert res["forward_trials"][0]["result"] == "fits"
