@@ -10,7 +10,7 @@ tokens per GPU, causal work balanced across hops); weights, gradients and Adam m
 ("fsdp", "seq"), so each GPU holds a quarter of them; every layer is rematerialised (`remat=full`) so only the
 layer inputs (1M x 2048 bf16 = 4 GiB across the ring) are kept for the backward pass.
 
-Sequence: 4096 frames of 256x256 in 16x16 tubelets (256 tokens per frame) = 1,048,576 video tokens + 1024 text
+Sequence: 4096 frames of 256x256 in 16x16 tubelets (256 tokens per frame) = 1,048,576 video tokens + 2048 text
 tokens. Expected: see BENCHMARKS.md "Ring attention" for what was measured (step time, MFU, peak memory).
 """
 
@@ -26,7 +26,8 @@ def get_config(arg: str | None = None) -> Config:
   cfg.attention.impl, cfg.attention.ring_layout = "ring", "zigzag"
   cfg.mesh = MeshConfig(data=1, fsdp=1, seq=4, tensor=1)
   d = cfg.data
-  d.frames, d.height, d.width, d.text_len = 4096, 256, 256, 1024
+  # 2048 text tokens keep every zigzag half-chunk (T / 8) a multiple of the GPU kernel's 256-row q tiles
+  d.frames, d.height, d.width, d.text_len = 4096, 256, 256, 2048
   d.num_train, d.num_eval, d.tiers = 256, 16, ("a", "b", "c")
   t = cfg.train
   t.steps, t.batch_size, t.lr, t.warmup_steps, t.log_every = 1000, 1, 3e-4, 50, 1
