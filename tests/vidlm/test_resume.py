@@ -60,29 +60,29 @@ def _wait_for(predicate, proc, timeout=240):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-  steps = ["--config.train.steps=30", "--config.checkpoint.every=5"]
+  steps = ["--config.train.steps=16", "--config.checkpoint.every=4"]
   ref, crashed = tmp_path / "ref", tmp_path / "crashed"
   subprocess.run(_train_cmd(ref, *steps), check=True, cwd=ROOT, env=_env(), capture_output=True)
 
   proc = subprocess.Popen(_train_cmd(crashed, *steps), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
-  _wait_for(lambda: (crashed / "checkpoints" / "10").is_dir(), proc)
+  _wait_for(lambda: (crashed / "checkpoints" / "8").is_dir(), proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(_data_order(crashed))
-  assert killed_at < 30, "the run finished before it could be killed"
+  assert killed_at < 16, "the run finished before it could be killed"
   subprocess.run(_train_cmd(crashed, *steps), check=True, cwd=ROOT, env=_env(), capture_output=True)
 
   step_ref, state_ref = _final_state(ref)
   step_crash, state_crash = _final_state(crashed)
-  assert step_ref == step_crash == 30
+  assert step_ref == step_crash == 16
   flat_ref = {"/".join(map(str, k)): v for k, v in _flatten(state_ref)}
   flat_crash = {"/".join(map(str, k)): v for k, v in _flatten(state_crash)}
   assert flat_ref.keys() == flat_crash.keys() and len(flat_ref) > 10
   for k in flat_ref:
     np.testing.assert_array_equal(flat_crash[k], flat_ref[k], err_msg=k)
   assert _data_order(crashed) == _data_order(ref)
-  assert sorted(_data_order(ref)) == list(range(1, 31))
+  assert sorted(_data_order(ref)) == list(range(1, 17))
 
 
 def _flatten(tree, prefix=()):

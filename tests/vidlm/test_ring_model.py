@@ -13,7 +13,7 @@ pytestmark = pytest.mark.xdist_group("ring_model")
 
 def _run(tmp_path, name, impl, mesh, layout="contiguous", remat="none"):
   cfg = C.load_config("experiments/demo.py:smoke")
-  cfg.train.steps, cfg.train.log_every, cfg.train.progress_bar, cfg.checkpoint.every = 3, 1, False, 0
+  cfg.train.steps, cfg.train.log_every, cfg.train.progress_bar, cfg.checkpoint.every = 2, 1, False, 0
   cfg.data.num_train, cfg.data.text_len = 64, 64
   cfg.attention.impl, cfg.attention.ring_layout, cfg.model.remat = impl, layout, remat
   cfg.mesh = C.MeshConfig(*mesh)
@@ -26,7 +26,7 @@ def _run(tmp_path, name, impl, mesh, layout="contiguous", remat="none"):
 def test_ring_training_follows_single_device_curve(tmp_path):
   ref_losses, ref_eval = _run(tmp_path, "xla", "xla", (8, 1, 1, 1))
   ring_losses, ring_eval = _run(tmp_path, "ring", "ring", (1, 2, 4, 1), layout="zigzag", remat="full")
-  assert len(ring_losses) == len(ref_losses) == 3
+  assert len(ring_losses) == len(ref_losses) == 2
   np.testing.assert_allclose(ring_losses, ref_losses, rtol=1e-4)
   np.testing.assert_allclose(ring_eval["loss"], ref_eval["loss"], rtol=1e-4)
 
