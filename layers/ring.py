@@ -440,17 +440,12 @@ def _dense_bwd(q, k, v, spec: MaskSpec, seg, lse, do, delta, scale: float):
 
 
 def _flash_bwd(q, k, v, spec: MaskSpec, seg, out, lse, do, dlse, scale: float):
-  """The Pallas flash backward kernel fed with the global (out, lse[, dlse]), or None if ops lacks the hook.
-
-  Uses `pallas_kernels.ops`' internal `_plan` / `_backward` (the public op only exposes a custom_vjp, whose
-  backward would need this hop's own residuals and so a recomputed forward).
-  """
+  """The Pallas flash backward kernels fed with the global (out, lse[, dlse]): no per-hop forward recompute."""
   from pallas_kernels import ops  # noqa: PLC0415
 
-  if not (hasattr(ops, "_plan") and hasattr(ops, "_backward")):
-    return None
-  st = ops._plan(q, k, v, seg, None, spec, scale, None, None)
-  dq, dk, dv = ops._backward(st, q, k, v, seg, None, out.astype(q.dtype), lse, do.astype(q.dtype), dlse)
+  dq, dk, dv = ops.attention_backward(
+    q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), mask=spec, segment_ids=seg, dlse=dlse, scale=scale
+  )
   return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
 
@@ -460,9 +455,7 @@ def _local_bwd(impl: str, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dls
   if impl == "xla":
     return _dense_bwd(q, k, v, spec, seg, lse, do, delta, scale)
   if impl == "flash":
-    grads = _flash_bwd(q, k, v, spec, seg, out, lse, do, dlse, scale)
-    if grads is not None:
-      return grads
+    return _flash_bwd(q, k, v, spec, seg, out, lse, do, dlse, scale)
   if impl == "cudnn":
     if has_dlse:
       raise ValueError("ring local_impl='cudnn' cannot differentiate through the returned lse; use 'xla' or 'flash'")
