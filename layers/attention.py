@@ -66,12 +66,28 @@ def _cudnn_attention(q, k, v, *, mask, segment_ids, layout, scale, return_lse):
   )
 
 
-def _auto_impl(q, mask, segment_ids, layout) -> str:
-  """Fastest correct impl for the platform: our flash kernel on GPU/TPU, dense XLA on CPU."""
+def _auto_impl(q, mask, segment_ids, layout, return_lse) -> str:
+  """Fastest correct impl for the platform.
+
+  GPU: cuDNN where it can express the call (plain causal / bidirectional, no segment ids, no lse), because on
+  H200 its forward+backward measured 1.10-1.15x ours (BENCHMARKS.md, "Attention kernels"); our flash kernel
+  everywhere else (frame-causal, windows, offsets, packing, lse for ring merges). TPU: our flash kernel.
+  CPU: dense XLA (the Pallas kernels only run interpreted there).
+  """
   platform = jax.devices()[0].platform
   if layout is not None:
     return "block_sparse"
-  if platform in ("gpu", "tpu"):
+  if platform == "gpu":
+    cudnn_ok = (
+      mask.kind in ("causal", "bidirectional")
+      and not mask.q_offset
+      and not mask.kv_offset
+      and segment_ids is None
+      and not return_lse
+      and q.dtype in (jnp.bfloat16, jnp.float16)
+    )
+    return "cudnn" if cudnn_ok else "flash"
+  if platform == "tpu":
     return "flash"
   return "xla"
 
@@ -104,7 +120,7 @@ def attention(
   if impl not in IMPLS:
     raise ValueError(f"attention.impl: unknown attention impl {impl!r}; expected one of {IMPLS}")
   if impl == "auto":
-    impl = _auto_impl(q, mask, segment_ids, layout)
+    impl = _auto_impl(q, mask, segment_ids, layout, return_lse)
   kw = dict(mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse)
   if impl == "reference":
     return reference.attention(q, k, v, **kw)

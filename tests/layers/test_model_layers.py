@@ -138,3 +138,21 @@ def test_gradient_accumulation_matches_full_batch():
   np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
   for a, b in zip(p4, p1):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_impl_choice_per_platform(monkeypatch):
+  import types
+
+  import layers.attention as attn_lib
+
+  x = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+  seg = (jnp.zeros((1, 256), jnp.int32),) * 2
+  for platform, cases in {
+    "gpu": [((MaskSpec.causal(), None, False), "cudnn"), ((MaskSpec.frame_causal(16), None, False), "flash"),
+            ((MaskSpec.causal(), seg, False), "flash"), ((MaskSpec.causal(), None, True), "flash")],
+    "tpu": [((MaskSpec.causal(), None, False), "flash")],
+    "cpu": [((MaskSpec.causal(), None, False), "xla")],
+  }.items():
+    monkeypatch.setattr(attn_lib.jax, "devices", lambda p=platform: [types.SimpleNamespace(platform=p)])
+    for (mask, segment_ids, lse), want in cases:
+      assert attn_lib._auto_impl(x, mask, segment_ids, None, lse) == want, (platform, mask.kind)
