@@ -60,7 +60,7 @@ def _wait_for(predicate, proc, timeout=240):
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-  steps = ["--config.train.steps=16", "--config.checkpoint.every=4"]
+  steps = ["--config.train.steps=24", "--config.checkpoint.every=4"]
   ref, crashed = tmp_path / "ref", tmp_path / "crashed"
   subprocess.run(_train_cmd(ref, *steps), check=True, cwd=ROOT, env=_env(), capture_output=True)
 
@@ -70,19 +70,19 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(_data_order(crashed))
-  assert killed_at < 16, "the run finished before it could be killed"
+  assert killed_at < 24, "the run finished before it could be killed"
   subprocess.run(_train_cmd(crashed, *steps), check=True, cwd=ROOT, env=_env(), capture_output=True)
 
   step_ref, state_ref = _final_state(ref)
   step_crash, state_crash = _final_state(crashed)
-  assert step_ref == step_crash == 16
+  assert step_ref == step_crash == 24
   flat_ref = {"/".join(map(str, k)): v for k, v in _flatten(state_ref)}
   flat_crash = {"/".join(map(str, k)): v for k, v in _flatten(state_crash)}
   assert flat_ref.keys() == flat_crash.keys() and len(flat_ref) > 10
   for k in flat_ref:
     np.testing.assert_array_equal(flat_crash[k], flat_ref[k], err_msg=k)
   assert _data_order(crashed) == _data_order(ref)
-  assert sorted(_data_order(ref)) == list(range(1, 17))
+  assert sorted(_data_order(ref)) == list(range(1, 25))
 
 
 def _flatten(tree, prefix=()):
