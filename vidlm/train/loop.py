@@ -7,6 +7,7 @@ current step and returns normally (exit 0), which is what preemptible schedulers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -72,8 +73,6 @@ class Trainer:
 
   def activate(self):
     """Mesh + logical rules context under which the model's shardings resolve."""
-    import contextlib  # noqa: PLC0415
-
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nnx.logical_axis_rules(sharding.RULES))
@@ -121,8 +120,8 @@ class Trainer:
     if restored is None and cfg.checkpoint.restore_from:
       restored = Checkpointer(cfg.checkpoint.restore_from, cfg.checkpoint).restore(self.state, data_iter)
     start = restored[0] if restored else 0
-    if restored:
-      log.info("resumed from step %d", start)
+    if restored and is_main:
+      print(f"resumed from checkpoint step {start} in {workdir / 'checkpoints'}", flush=True)
     writer = MetricWriter(workdir, total_steps=cfg.train.steps, progress_bar=cfg.train.progress_bar, start_step=start)
     order_log = open(workdir / "data_order.jsonl", "a") if is_main else None  # noqa: SIM115
 
