@@ -13,35 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from vidlm.bench.timing import matmul_tflops, median_seconds
+
 _XLA_FWD_SCORE_BYTES = 12 << 30  # fp32 scores B*H*S^2*4 the XLA path may allocate (fwd); bwd needs ~3x
-
-
-def _time(fn: Callable, args, warmup: int, iters: int) -> float:
-  """Median seconds of `iters` calls after `warmup` calls (compile excluded)."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
-def _matmul_tflops(warmup: int, iters: int) -> float:
-  n = 8192
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-  b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: a @ b)
-  return 2 * n**3 / _time(f, (a, b), warmup, iters) / 1e12
 
 
 def _impls(causal: bool, scale: float, config):
@@ -93,7 +71,7 @@ def run_case(b: int, h: int, s: int, d: int, causal: bool, *, warmup: int, iters
           fn, args = jax.jit(f), (q, k, v)
         else:
           fn, args = _fwd_bwd(f), (q, k, v, do)
-        sec = _time(fn, args, warmup, iters)
+        sec = median_seconds(fn, args, warmup, iters)
         row[name] = flops / sec / 1e12
         row[f"{name}_ms"] = sec * 1e3
         if mode == "fwd" and name in ("ours", "cudnn"):
@@ -153,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
   modes = [m for m in a.modes.split(",") if m]
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}  jax {jax.__version__}  B={a.batch}  bf16", flush=True)
-  mm = _matmul_tflops(a.warmup, iters)
+  mm = matmul_tflops(a.warmup, iters)
   print(f"bf16 matmul 8192^3: {mm:.1f} TFLOP/s", flush=True)
   print(_HEADER, flush=True)
   rows = []

@@ -30,9 +30,10 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
+
+from vidlm.bench.timing import median_seconds
 
 XLA_PRESETS = {
   "none": [],
@@ -47,19 +48,6 @@ def _set_xla_flags(preset: str) -> list[str]:
   cur = os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = " ".join([cur, *[f for f in flags if f.split("=")[0] not in cur]]).strip()
   return flags
-
-
-def _time(fn, args, warmup: int, iters: int) -> float:
-  import jax  # noqa: PLC0415
-
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def _mesh(n: int):
@@ -255,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
       q, k, v, do = _inputs(t, hq, hkv, d)
       try:
         fa, _ = _compile(_fwd_bwd(_single_fn(args.local_impl, causal)), (q, k, v, do))
-        t_single = _time(fa, (q, k, v, do), args.warmup, args.iters)
+        t_single = median_seconds(fa, (q, k, v, do), args.warmup, args.iters)
       except Exception as e:  # noqa: BLE001
         print(f"anchor N={n} failed: {type(e).__name__}: {e}"[:400], flush=True)
         continue
@@ -277,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
           rargs = (qs, ks_, vs, dos)
           with jax.set_mesh(mesh):
             f, row["compile_s"] = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout)), rargs)
-            t_ring = _time(f, rargs, args.warmup, args.iters)
+            t_ring = median_seconds(f, rargs, args.warmup, args.iters)
             if n > 1:
               text = f.as_text()
               row["hlo"] = _hlo_collectives(text)
@@ -285,15 +273,15 @@ def main(argv: list[str] | None = None) -> int:
                 with open(os.path.join(args.hlo_dir, f"ring_{layout}_{n}.hlo.txt"), "w") as fh:
                   fh.write(text)
               f0, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, permute=False)), rargs)
-              t_nocomm = _time(f0, rargs, args.warmup, args.iters)
+              t_nocomm = median_seconds(f0, rargs, args.warmup, args.iters)
               row["ring_no_permute_ms"] = 1e3 * t_nocomm
               row["exposed_comm_pct"] = 100.0 * (t_ring - t_nocomm) / t_ring
               if args.barrier_variant:
                 fb, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, barrier=False)), rargs)
-                row["ring_no_barrier_ms"] = 1e3 * _time(fb, rargs, args.warmup, args.iters)
+                row["ring_no_barrier_ms"] = 1e3 * median_seconds(fb, rargs, args.warmup, args.iters)
               if layout == "zigzag" and causal and args.switch_variant:
                 fs, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, uniform=False)), rargs)
-                row["ring_switch_dispatch_ms"] = 1e3 * _time(fs, rargs, args.warmup, args.iters)
+                row["ring_switch_dispatch_ms"] = 1e3 * median_seconds(fs, rargs, args.warmup, args.iters)
           row["ring_ms"] = 1e3 * t_ring
           row["per_device_tflops"] = flops / n / t_ring / 1e12
           row["efficiency_pct"] = 100.0 * (t_single / n) / t_ring

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from vidlm.bench.timing import matmul_tflops
+
 
 def _model_flops(cfg, params: int) -> float:
   from vidlm import config as C  # noqa: PLC0415
@@ -55,24 +57,6 @@ def _peak_memory_gib() -> list[float]:
   return out
 
 
-def _matmul_tflops() -> float:
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  n = 8192
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: a @ b)
-  for _ in range(5):
-    f(a, b).block_until_ready()
-  ts = []
-  for _ in range(10):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    ts.append(time.perf_counter() - t0)
-  return 2 * n**3 / statistics.median(ts) / 1e12
-
-
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="vidlm bench train_step")
   p.add_argument("--config", required=True)
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_devices": jax.device_count(), "platform": platform,
             "sequence_length": C.sequence_length(cfg), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   if platform == "gpu":
-    result["matmul_bf16_tflops"] = round(_matmul_tflops(), 1)
+    result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
 
   trainer = Trainer(cfg, "/tmp/vidlm_bench_train_step")
   params = sum(x.size for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param)))
