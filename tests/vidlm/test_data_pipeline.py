@@ -11,28 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vidlm.config import DataConfig
 from vidlm.data import pipeline, procedural, records
 from vidlm.data import tokenizer as T
 
 
-@dataclasses.dataclass
-class Data:
-  """The fields of vidlm.config.DataConfig this layer reads (kept local so the test only exercises the data)."""
-
-  dataset: str = "niavh"
-  path: str | None = None
-  num_train: int = 48
-  num_eval: int = 20
-  frames: int = 4
-  height: int = 16
-  width: int = 16
-  text_len: int = 32
-  tiers: tuple[str, ...] = ("a", "c")
-  num_needles: int = 1
-  num_asked: int = 1
-  seed: int = 0
-  shuffle: bool = True
-  prefetch: int = 2
+def Data(**overrides) -> DataConfig:  # noqa: N802  (reads like the config it builds)
+  """A small DataConfig for these tests."""
+  small = dict(num_train=48, num_eval=20, frames=4, height=16, width=16, text_len=32, tiers=("a", "c"))
+  return dataclasses.replace(DataConfig(**small), **overrides)
 
 
 @pytest.fixture(scope="module")
