@@ -1,25 +1,15 @@
-"""Flax NNX building blocks, no training code. `attention()` is the one entry every model calls.
+"""Flax NNX building blocks, no training code.
 
-Public API: attention, Attention, IMPLS, DecoderBlock, RMSNorm, SwiGLU, TubeletEmbed, TokenEmbed, rope (module),
-scan (module); ring attention is `layers.ring.ring_attention` (imported on first use by attention(impl="ring")).
+The attention entry every model calls is `layers.attention.attention` (import it from the submodule: the package
+deliberately does not re-export the function, which would shadow the `layers.attention` module).
+Public API here: Attention, IMPLS, DecoderBlock, RMSNorm, SwiGLU, TubeletEmbed, TokenEmbed; ring attention is
+`layers.ring.ring_attention`.
 """
 
-from layers import rope, scan
-from layers.attention import IMPLS, Attention, attention
+from layers.attention import IMPLS, Attention
 from layers.block import DecoderBlock
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 
-__all__ = [
-  "IMPLS",
-  "Attention",
-  "DecoderBlock",
-  "RMSNorm",
-  "SwiGLU",
-  "TokenEmbed",
-  "TubeletEmbed",
-  "attention",
-  "rope",
-  "scan",
-]
+__all__ = ["IMPLS", "Attention", "DecoderBlock", "RMSNorm", "SwiGLU", "TokenEmbed", "TubeletEmbed"]
