@@ -1,4 +1,5 @@
-"""impl="ring" inside VideoLM: training on a (fsdp=2, seq=4) mesh with remat follows the seq=1 loss curve."""
+"""impl="ring" inside VideoLM: training on meshes combining seq with fsdp / data / tensor (and remat) follows the
+seq=1 loss curve, in training and evaluation."""
 
 import json
 
@@ -23,9 +24,14 @@ def _run(tmp_path, name, impl, mesh, layout="contiguous", remat="none"):
   return losses, trainer.evaluate_loss(max_batches=1)
 
 
-def test_ring_training_follows_single_device_curve(tmp_path):
+@pytest.mark.parametrize(
+  ("mesh", "layout", "remat"),
+  [((1, 2, 4, 1), "zigzag", "full"), ((2, 1, 2, 2), "contiguous", "none")],
+  ids=["fsdp2-seq4-zigzag-remat", "data2-seq2-tensor2"],
+)
+def test_ring_training_follows_single_device_curve(tmp_path, mesh, layout, remat):
   ref_losses, ref_eval = _run(tmp_path, "xla", "xla", (8, 1, 1, 1))
-  ring_losses, ring_eval = _run(tmp_path, "ring", "ring", (1, 2, 4, 1), layout="zigzag", remat="full")
+  ring_losses, ring_eval = _run(tmp_path, "ring", "ring", mesh, layout=layout, remat=remat)
   assert len(ring_losses) == len(ref_losses) == 2
   np.testing.assert_allclose(ring_losses, ref_losses, rtol=1e-4)
   np.testing.assert_allclose(ring_eval["loss"], ref_eval["loss"], rtol=1e-4)
