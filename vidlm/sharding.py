@@ -71,22 +71,13 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
 
 
-def named(mesh, names: tuple[str | None, ...]) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(names))
-
-
-def flax_rules() -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-  """RULES in the form `nnx.logical_axis_rules` expects."""
-  return RULES
-
-
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
   """Examples over ("data", "fsdp"), everything else replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
 def describe(state) -> str:
-  """A short table of parameter paths, shapes and specs (logged at start)."""
+  """A table of parameter paths, shapes and specs (written to <workdir>/param_shardings.txt at start)."""
   rows = []
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     if not hasattr(leaf, "shape"):

@@ -114,6 +114,7 @@ class Trainer:
     if is_main:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / "config.json").write_text(config_lib.to_json(cfg))
+      (workdir / "param_shardings.txt").write_text(sharding.describe(self.state) + "\n")
     data_iter = self.data_iterator("train")
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     restored = ckpt.restore(self.state, data_iter)
