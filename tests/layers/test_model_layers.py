@@ -74,15 +74,7 @@ def _cfg(**model):
 
 
 def _inputs(cfg, b=4, seed=0):
-  rng = np.random.default_rng(seed)
-  d = cfg.data
-  tokens = rng.integers(0, 256, (b, d.text_len)).astype(np.int32)
-  return {
-    "frames": jnp.asarray(rng.integers(0, 256, (b, d.frames, d.height, d.width, 3)), jnp.uint8),
-    "tokens": jnp.asarray(tokens),
-    "targets": jnp.asarray(np.roll(tokens, -1, 1)),
-    "loss_mask": jnp.asarray(rng.random((b, d.text_len)) < 0.6, jnp.float32),
-  }
+  return jax.tree.map(jnp.asarray, step_lib.random_batch(cfg.data, b, seed))
 
 
 def test_model_masks_text_causal_and_video_frame_causal():

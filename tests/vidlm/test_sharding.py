@@ -25,25 +25,13 @@ def _cfg(shape=(1, 1, 1, 1)):
   return cfg
 
 
-def _batch(cfg, b=8, seed=0):
-  rng = np.random.default_rng(seed)
-  d = cfg.data
-  tokens = rng.integers(0, 256, (b, d.text_len)).astype(np.int32)
-  return {
-    "frames": rng.integers(0, 256, (b, d.frames, d.height, d.width, 3)).astype(np.uint8),
-    "tokens": tokens,
-    "targets": np.roll(tokens, -1, axis=1),
-    "loss_mask": (rng.random((b, d.text_len)) < 0.5).astype(np.float32),
-  }
-
-
 def _loss_on(shape):
   cfg = _cfg(shape)
   devices = jax.devices()[: int(np.prod(shape))]
   mesh = sharding.make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
     model = build_model(cfg, nnx.Rngs(0))
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in _batch(cfg).items()}
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 8).items()}
     loss, _ = nnx.jit(step_lib.loss_fn)(model, batch)
     return float(loss), nnx.state(model), mesh
 

@@ -20,8 +20,6 @@ import os
 import statistics
 import time
 
-import numpy as np
-
 from vidlm.bench.timing import matmul_tflops
 
 
@@ -34,17 +32,6 @@ def _model_flops(cfg, params: int) -> float:
   dense = 6.0 * params * tokens
   attention = 3.5 * 2.0 * s * s * m.num_heads * m.head_dim * m.num_layers * cfg.train.batch_size
   return dense + attention
-
-
-def _random_batch(cfg, rng):
-  d, b = cfg.data, cfg.train.batch_size
-  tokens = rng.integers(0, 256, (b, d.text_len), dtype=np.int32)
-  return {
-    "frames": rng.integers(0, 256, (b, d.frames, d.height, d.width, 3), dtype=np.uint8),
-    "tokens": tokens,
-    "targets": np.roll(tokens, -1, axis=1),
-    "loss_mask": np.ones((b, d.text_len), np.float32),
-  }
 
 
 def _peak_memory_gib() -> list[float]:
@@ -73,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from vidlm import config as C  # noqa: PLC0415
   from vidlm.train.loop import Trainer, global_batch  # noqa: PLC0415
+  from vidlm.train.step import random_batch  # noqa: PLC0415
 
   t_start = time.perf_counter()
   cfg = C.load_config(args.config)
@@ -89,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
   trainer = Trainer(cfg, "/tmp/vidlm_bench_train_step")
   params = sum(x.size for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param)))
   result["params"] = int(params)
-  rng = np.random.default_rng(0)
   with trainer.activate():
-    batch = global_batch(trainer.mesh, _random_batch(cfg, rng))
+    batch = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size))
     t0 = time.perf_counter()
     trainer.state, metrics = trainer.train_step(trainer.state, batch)
     jax.block_until_ready(metrics)
@@ -126,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
       with trainer.activate():
         fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0](f, t))
-        b = global_batch(trainer.mesh, _random_batch(cfg, rng))
+        b = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size, seed=frames))
         t0 = time.perf_counter()
         jax.block_until_ready(fwd(trainer.state, b["frames"], b["tokens"]))
         trial.update(result="fits", seconds_incl_compile=round(time.perf_counter() - t0, 1),

@@ -10,10 +10,25 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 Batch = dict[str, jax.Array]
+
+
+def random_batch(data_cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch with the data layer's contract (frames, tokens, targets, loss_mask) filled with random values: for
+  benchmarks and tests that need the real step without the data pipeline. Half the text positions carry loss."""
+  rng = np.random.default_rng(seed)
+  d = data_cfg
+  tokens = rng.integers(0, 256, (batch_size, d.text_len), dtype=np.int32)
+  return {
+    "frames": rng.integers(0, 256, (batch_size, d.frames, d.height, d.width, 3), dtype=np.uint8),
+    "tokens": tokens,
+    "targets": np.roll(tokens, -1, axis=1),
+    "loss_mask": (rng.random((batch_size, d.text_len)) < 0.5).astype(np.float32),
+  }
 
 
 def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
