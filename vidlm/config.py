@@ -36,7 +36,7 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"
-  # none | full | dots | dots_no_batch  (see layers/scan.py)
+  # none | full | dots | dots_no_batch | save_attention  (see layers/scan.py)
   remat: str = "none"
   scan_layers: bool = True
 
@@ -284,12 +284,15 @@ def _check_types(obj, prefix: str) -> None:
     else:
       ok = isinstance(value, ann)
     if not ok:
-      raise ConfigError(f"config.{where}: expected {getattr(ann, '__name__', ann)}, got {type(value).__name__} {value!r}")
+      raise ConfigError(
+        f"config.{where}: expected {getattr(ann, '__name__', ann)}, got {type(value).__name__} {value!r}"
+      )
 
 
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
   """Check the config for every error we can catch before touching a device. Returns cfg."""
   from layers.attention import IMPLS  # noqa: PLC0415  (avoid importing jax at config import time)
+  from layers.scan import REMAT_POLICIES  # noqa: PLC0415
 
   _check_types(cfg, "")
   m, d, a = cfg.model, cfg.data, cfg.attention
@@ -301,8 +304,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
     )
   if m.dtype not in ("float32", "bfloat16") or m.param_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype/param_dtype: expected float32 or bfloat16, got {m.dtype}/{m.param_dtype}")
-  if m.remat not in ("none", "full", "dots", "dots_no_batch"):
-    raise ConfigError(f"config.model.remat: unknown policy {m.remat!r}; expected none | full | dots | dots_no_batch")
+  if m.remat not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat: unknown policy {m.remat!r}; expected {' | '.join(REMAT_POLICIES)}")
   if m.num_heads % m.num_kv_heads:
     raise ConfigError(f"config.model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   if len(m.tubelet) != 3 or min(m.tubelet) < 1:
@@ -345,9 +348,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
     batch_shards = resolve_mesh_shape(cfg.mesh, num_devices)
     shards = batch_shards[0] * batch_shards[1]
     if cfg.train.batch_size % shards:
-      raise ConfigError(
-        f"config.train.batch_size={cfg.train.batch_size} is not divisible by mesh data*fsdp={shards}"
-      )
+      raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by mesh data*fsdp={shards}")
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError(
       f"config.train.grad_accum={cfg.train.grad_accum} must be >= 1 and divide train.batch_size={cfg.train.batch_size}"

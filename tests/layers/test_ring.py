@@ -182,6 +182,35 @@ def test_ring_under_remat_policy():
   assert max(_rel(a, b[:, perm]) for a, b in zip(grads, ref)) < 1e-4
 
 
+def test_save_attention_remat_policy_skips_the_ring_forward_recompute():
+  """model.remat="save_attention" keeps (ring_out, ring_lse): the backward pass runs no second forward ring
+  (counted as ppermutes in the gradient's jaxpr), unlike "full", and the gradients are the same."""
+  from layers.scan import REMAT_POLICIES  # noqa: PLC0415
+
+  n = 4
+  mask = MaskSpec.causal()
+  q, k, v, g, _, _ = _inputs(15)
+  w = jax.random.normal(jax.random.key(16), (D, D), jnp.float32) / D**0.5
+  perm = ring.token_permutation(T, n, "zigzag")
+
+  def make_loss(policy):
+    @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[policy])
+    def block(w, q, k, v):
+      return jnp.tanh(ring.ring_attention(q @ w, k, v, mask=mask, token_layout="zigzag", local_impl="reference"))
+
+    return lambda w, q, k, v: jnp.sum(block(w, q, k, v) * g[:, perm])
+
+  counts, grads = {}, {}
+  with jax.set_mesh(_mesh((1, 1, n, 1))):
+    args = (w, q[:, perm], k[:, perm], v[:, perm])
+    for policy in ("full", "save_attention"):
+      grad = jax.grad(make_loss(policy), argnums=(0, 1, 2, 3))
+      counts[policy] = str(jax.make_jaxpr(grad)(*args)).count("ppermute")
+      grads[policy] = jax.jit(grad)(*args)
+  assert counts["full"] - counts["save_attention"] == n - 1, counts  # one forward ring of n-1 K/V hops fewer
+  assert max(_rel(a, b) for a, b in zip(grads["save_attention"], grads["full"])) < 1e-5
+
+
 @pytest.mark.parametrize("local_impl", ["xla", "reference"])
 def test_ring_lse_output_and_its_gradient(local_impl):
   """return_lse: lse matches and gradients flow through it; "reference" exercises the vjp-of-local backward."""

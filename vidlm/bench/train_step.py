@@ -1,9 +1,14 @@
 """`vidlm bench train_step`: time the real training step of an experiment config on random data.
 
-Reports step time, tokens/s, model FLOPs utilisation and peak device memory; with `--forward-lengths` also the
-longest context (in frames) whose forward pass fits. The anchor is the device's dense bf16 peak (`--peak-tflops`,
-default 989 for H100/H200 SXM) and, measured in the same run, a bf16 matmul. Imports nothing from the data stack
-(random frames and tokens), so it runs on accelerator images without grain/tfds.
+Reports compile time, the compiler's memory estimate, step time, tokens/s, model FLOPs utilisation and peak
+device memory; with `--forward-lengths` also the longest context (in frames) whose forward pass fits, either
+run (`--forward-mode run`) or, when running it would take too long, from the compiled program's memory
+estimate (`--forward-mode compile`). The anchor is the device's dense bf16 peak (`--peak-tflops`, default 989
+for H100/H200 SXM) and, measured in the same run, a bf16 matmul. Imports nothing from the data stack (random
+frames and tokens), so it runs on accelerator images without grain/tfds.
+
+The step is compiled ahead of time (`jit(...).lower(...).compile()`) and the timed steps call that executable,
+so no timed step can hide a recompilation; the first timed step is reported separately from the rest.
 
 MFU counts model FLOPs only (no remat recompute): 6 * params * tokens for the dense layers plus attention
 3.5 * 2 * S^2 * (heads * head_dim) per layer, halved-by-causality already included (frame-causal ~ causal).
@@ -22,6 +27,8 @@ import time
 
 from vidlm.bench.timing import matmul_tflops
 
+GIB = 2**30
+
 
 def _model_flops(cfg, params: int) -> float:
   from vidlm import config as C  # noqa: PLC0415
@@ -37,30 +44,148 @@ def _model_flops(cfg, params: int) -> float:
 def _peak_memory_gib() -> list[float]:
   import jax  # noqa: PLC0415
 
-  out = []
-  for dev in jax.local_devices():
-    stats = dev.memory_stats() or {}
-    out.append(round(stats.get("peak_bytes_in_use", 0) / 2**30, 2))
+  return [round((d.memory_stats() or {}).get("peak_bytes_in_use", 0) / GIB, 2) for d in jax.local_devices()]
+
+
+def _bytes_limit(limit_gib: float | None) -> int | None:
+  """Bytes one device may use: `--device-memory-gib` if given (to plan for a smaller device), else what the
+  allocator reports (None where the backend does not say, e.g. CPU)."""
+  import jax  # noqa: PLC0415
+
+  if limit_gib:
+    return int(limit_gib * GIB)
+  return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def _memory_estimate(compiled, limit_gib: float | None) -> dict:
+  """The compiler's per-device buffer assignment: arguments + outputs + temporaries - donated aliases."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  limit = _bytes_limit(limit_gib)
+  out = {
+    "arguments_gib": round(m.argument_size_in_bytes / GIB, 3),
+    "outputs_gib": round(m.output_size_in_bytes / GIB, 3),
+    "temporaries_gib": round(m.temp_size_in_bytes / GIB, 3),
+    "aliased_gib": round(m.alias_size_in_bytes / GIB, 3),
+    "estimated_peak_gib": round(peak / GIB, 3),
+  }
+  if limit:
+    out.update(device_limit_gib=round(limit / GIB, 2), fits=bool(peak <= limit))
   return out
+
+
+def _emit(record: dict) -> None:
+  print(json.dumps(record), flush=True)  # one JSON line per event: a run cut short still leaves its figures
+
+
+def _compile_step(trainer, batch, limit_gib: float | None) -> tuple:
+  t0 = time.perf_counter()
+  lowered = trainer.train_step.lower(trainer.state, batch)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return compiled, {
+    "lower_s": round(t1 - t0, 1),
+    "compile_s": round(t2 - t1, 1),
+    **_memory_estimate(compiled, limit_gib),
+  }
+
+
+def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
+  """Forward passes at increasing frame counts until one does not fit (or the time budget is spent)."""
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  from vidlm import config as C  # noqa: PLC0415
+  from vidlm.sharding import batch_sharding  # noqa: PLC0415
+  from vidlm.train.loop import global_batch  # noqa: PLC0415
+  from vidlm.train.step import random_batch  # noqa: PLC0415
+
+  trials = []
+  for frames in [int(f) for f in args.forward_lengths.split(",") if f]:
+    if time.perf_counter() - t_start > args.time_budget:
+      trials.append({"frames": frames, "result": "not tried (time budget)"})
+      break
+    cfg.data.frames = frames
+    trial = {"frames": frames, "tokens": C.sequence_length(cfg), "mode": args.forward_mode}
+    run = args.forward_mode == "run"  # compile mode lowers against the frames' shape only: no host data
+    try:
+      with trainer.activate():
+        fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0](f, t))
+        if run:
+          b = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size, seed=frames))
+        else:  # shapes only: a long video's frames need not exist on the host to compile its forward
+          d, n = cfg.data, cfg.train.batch_size
+          shapes = {"frames": ((n, d.frames, d.height, d.width, 3), np.uint8), "tokens": ((n, d.text_len), np.int32)}
+          b = {
+            k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(trainer.mesh, len(shape)))
+            for k, (shape, dt) in shapes.items()
+          }
+        t0 = time.perf_counter()
+        compiled = fwd.lower(trainer.state, b["frames"], b["tokens"]).compile()
+        trial.update(compile_s=round(time.perf_counter() - t0, 1), **_memory_estimate(compiled, args.device_memory_gib))
+        if run:
+          t0 = time.perf_counter()
+          jax.block_until_ready(compiled(trainer.state, b["frames"], b["tokens"]))
+          trial.update(
+            result="fits", run_s=round(time.perf_counter() - t0, 1), peak_memory_gib_per_device=_peak_memory_gib()
+          )
+        else:
+          verdict = {True: "fits", False: "does not fit", None: "compiled (device memory limit unknown)"}
+          trial["result"] = f"{verdict[trial.get('fits')]} (compiler estimate)"
+    except Exception as e:  # noqa: BLE001  (an out-of-memory error is the answer we are looking for)
+      trial.update(result=f"failed: {type(e).__name__}: {str(e)[:160]}")
+    trials.append(trial)
+    _emit(trial)
+    if not trial["result"].startswith(("fits", "compiled")):
+      break
+  return trials
 
 
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="vidlm bench train_step")
   p.add_argument("--config", required=True)
-  p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up (compile) step")
+  p.add_argument("--steps", type=int, default=2, help="timed steps after the compile and one warm-up step")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per device")
+  p.add_argument(
+    "--fallback-remat",
+    default="",
+    help="if the compiler estimates the step does not fit device memory, use this remat policy instead",
+  )
+  p.add_argument(
+    "--device-memory-gib",
+    type=float,
+    default=None,
+    help="memory per device to test estimates against (default: the allocator's limit)",
+  )
   p.add_argument("--forward-lengths", default="", help="comma-separated frame counts to try forward-only")
-  p.add_argument("--time-budget", type=float, default=300.0, help="stop trying forward lengths after this (s)")
+  p.add_argument(
+    "--forward-mode",
+    choices=("run", "compile"),
+    default="run",
+    help="run each forward, or only compile it and compare the memory estimate with the device limit",
+  )
+  p.add_argument(
+    "--time-budget",
+    type=float,
+    default=300.0,
+    help="seconds from start after which no further timed step or forward trial is started",
+  )
+  p.add_argument("--forward-only", action="store_true", help="skip the training step: forward trials only")
   p.add_argument("--out", default=None)
   args, overrides = p.parse_known_args(argv)
   os.environ.setdefault("XLA_FLAGS", "--xla_gpu_enable_latency_hiding_scheduler=true")
+  # a long-context step is sized to the device: let the allocator have 95% of it, not JAX's default 75%
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
   import jax  # noqa: PLC0415
   from flax import nnx  # noqa: PLC0415
 
   from vidlm import config as C  # noqa: PLC0415
-  from vidlm.train.loop import Trainer, global_batch  # noqa: PLC0415
-  from vidlm.train.step import random_batch  # noqa: PLC0415
+  from vidlm.train.loop import Trainer  # noqa: PLC0415
 
   t_start = time.perf_counter()
   cfg = C.load_config(args.config)
@@ -68,32 +193,82 @@ def main(argv: list[str] | None = None) -> int:
     C.apply_override(cfg, key, value)
   cfg.train.progress_bar = False
   platform = jax.devices()[0].platform
-  result = {"config": args.config, "overrides": overrides, "device": jax.devices()[0].device_kind,
-            "num_devices": jax.device_count(), "platform": platform,
-            "sequence_length": C.sequence_length(cfg), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  result = {
+    "config": args.config,
+    "overrides": overrides,
+    "device": jax.devices()[0].device_kind,
+    "num_devices": jax.device_count(),
+    "platform": platform,
+    "sequence_length": C.sequence_length(cfg),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "mem_fraction": os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"],
+  }
   if platform == "gpu":
     result["matmul_bf16_tflops"] = round(matmul_tflops(), 1)
+  _emit(result)
 
   trainer = Trainer(cfg, "/tmp/vidlm_bench_train_step")
   params = sum(x.size for x in jax.tree.leaves(nnx.state(trainer.model, nnx.Param)))
-  result["params"] = int(params)
+  result.update(params=int(params), num_layers=cfg.model.num_layers, remat=cfg.model.remat)
+  if not args.forward_only:
+    trainer = _time_step(args, cfg, trainer, result, t_start)
+  result["forward_trials"] = _forward_trials(args, cfg, trainer, t_start)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=2)
+  return 0
+
+
+def _free(trainer) -> None:
+  import jax  # noqa: PLC0415
+  from flax import nnx  # noqa: PLC0415
+
+  for x in jax.tree.leaves((trainer.state, nnx.state(trainer.model))):
+    if isinstance(x, jax.Array) and not x.is_deleted():
+      x.delete()
+
+
+def _time_step(args, cfg, trainer, result: dict, t_start: float):
+  """Compile the step (falling back to --fallback-remat if it does not fit), time it, fill `result`.
+  Returns the trainer whose state is live (a new one after a fallback)."""
+  import jax  # noqa: PLC0415
+
+  from vidlm import config as C  # noqa: PLC0415
+  from vidlm.train.loop import Trainer, global_batch  # noqa: PLC0415
+  from vidlm.train.step import random_batch  # noqa: PLC0415
+
   with trainer.activate():
     batch = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size))
-    t0 = time.perf_counter()
-    trainer.state, metrics = trainer.train_step(trainer.state, batch)
-    jax.block_until_ready(metrics)
-    result["first_step_s_incl_compile"] = round(time.perf_counter() - t0, 2)
-    times = []
-    for _ in range(args.steps):
+    compiled, result["compile"] = _compile_step(trainer, batch, args.device_memory_gib)
+  _emit({"remat": cfg.model.remat, "compile": result["compile"]})
+  if args.fallback_remat and result["compile"].get("fits") is False:
+    result["compile_rejected"] = {"remat": cfg.model.remat, **result["compile"]}
+    _free(trainer)  # the first model's weights and optimizer state leave the device before the second's arrive
+    cfg.model.remat = args.fallback_remat
+    trainer = Trainer(cfg, "/tmp/vidlm_bench_train_step")
+    result["remat"] = cfg.model.remat
+    with trainer.activate():
+      batch = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size))
+      compiled, result["compile"] = _compile_step(trainer, batch, args.device_memory_gib)
+    _emit({"remat": cfg.model.remat, "compile": result["compile"]})
+
+  times = []
+  with trainer.activate():
+    for i in range(1 + args.steps):  # step 0 is the warm-up, reported but not in the median
       t0 = time.perf_counter()
-      trainer.state, metrics = trainer.train_step(trainer.state, batch)
+      trainer.state, metrics = compiled(trainer.state, batch)  # raises, rather than recompiles, on a mismatch
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - t0)
-  step = statistics.median(times)
-  flops = _model_flops(cfg, params)
+      _emit({"step": i, "seconds": round(times[-1], 3), "loss": float(metrics["loss"])})
+      if i < args.steps and time.perf_counter() - t_start + times[-1] > args.time_budget:
+        break  # the next step would overrun the budget
+  timed = times[1:] or times  # with no time for a second step, the warm-up step is all there is
+  step = statistics.median(timed)
+  flops = _model_flops(cfg, result["params"])
   result.update(
+    warmup_step_s=round(times[0], 3),
     step_s=round(step, 3),
-    step_times_s=[round(t, 3) for t in times],
+    step_times_s=[round(t, 3) for t in timed],
     loss=float(metrics["loss"]),
     tokens_per_s=round(cfg.train.batch_size * C.sequence_length(cfg) / step, 1),
     model_tflops_per_step=round(flops / 1e12, 1),
@@ -101,34 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     mfu=round(flops / step / jax.device_count() / (args.peak_tflops * 1e12), 4),
     peak_memory_gib_per_device=_peak_memory_gib(),
   )
-  print(json.dumps(result), flush=True)
-
-  fits = []
-  for frames in [int(f) for f in args.forward_lengths.split(",") if f]:
-    if time.perf_counter() - t_start > args.time_budget:
-      fits.append({"frames": frames, "result": "not tried (time budget)"})
-      break
-    cfg.data.frames = frames
-    trial = {"frames": frames, "tokens": C.sequence_length(cfg)}
-    try:
-      with trainer.activate():
-        fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0](f, t))
-        b = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size, seed=frames))
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(trainer.state, b["frames"], b["tokens"]))
-        trial.update(result="fits", seconds_incl_compile=round(time.perf_counter() - t0, 1),
-                     peak_memory_gib_per_device=_peak_memory_gib())
-    except Exception as e:  # noqa: BLE001  (an OOM is the answer we are looking for)
-      trial.update(result=f"failed: {type(e).__name__}: {str(e)[:160]}")
-    fits.append(trial)
-    print(json.dumps(trial), flush=True)
-    if trial["result"] != "fits":
-      break
-  result["forward_trials"] = fits
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=2)
-  return 0
+  _emit(result)
+  return trainer
 
 
 if __name__ == "__main__":
