@@ -20,7 +20,7 @@ AXES = ("data", "fsdp", "seq", "tensor")
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("batch", ("data", "fsdp")),
   ("tokens", "seq"),
-  ("frames", None),
+  ("frames", "seq"),  # input video frames: split like the tokens they become
   ("embed", ("fsdp", "seq")),  # weights' model dim: FSDP over fsdp x seq
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
@@ -74,6 +74,16 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 def batch_sharding(mesh, ndim: int) -> NamedSharding:
   """Examples over ("data", "fsdp"), everything else replicated."""
   return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def input_sharding(mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
+  """Sharding of one array of the data contract: examples over ("data", "fsdp"), and the video `frames`
+  [B, F, H, W, C] also split over "seq" on F where it divides, so no device holds the whole video (a 12M-token
+  video is ~10 GB of uint8 frames). VideoLM embeds each device's frames where they are."""
+  seq = dict(mesh.shape).get("seq", 1)
+  if name == "frames" and len(shape) == 5 and seq > 1 and shape[1] % seq == 0:
+    return NamedSharding(mesh, P(("data", "fsdp"), "seq", None, None, None))
+  return batch_sharding(mesh, len(shape))
 
 
 def describe(state) -> str:

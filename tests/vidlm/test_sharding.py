@@ -31,7 +31,9 @@ def _loss_on(shape):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
     model = build_model(cfg, nnx.Rngs(0))
-    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 8).items()}
+    batch = {
+      k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 8).items()
+    }
     loss, _ = nnx.jit(step_lib.loss_fn)(model, batch)
     return float(loss), nnx.state(model), mesh
 
@@ -87,3 +89,21 @@ def test_activation_constraint_spec(shape):
   assert x.sharding.is_equivalent_to(want, 3), x.sharding.spec
   # and it is really split: one distinct shard per (data*fsdp, seq) position
   assert len({s.index for s in x.addressable_shards}) == shape[0] * shape[1] * shape[2]
+
+
+def test_video_is_embedded_per_seq_shard():
+  """With seq > 1 each device embeds only its frames: the compiled program holds per-device patch tensors
+  [B * F/seq * tokens_per_frame, patch] and never the whole video's."""
+  cfg = _cfg((1, 1, 4, 1))
+  d, (tt, th, tw) = cfg.data, cfg.model.tubelet
+  video_tokens = d.frames // tt * (d.height // th) * (d.width // tw)
+  patch = tt * th * tw * 3
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    model = build_model(cfg, nnx.Rngs(0))
+    batch = {
+      k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 2).items()
+    }
+    hlo = nnx.jit(lambda m, f, t: m(f, t)).lower(model, batch["frames"], batch["tokens"]).compile().as_text()
+  assert f"[{2 * video_tokens // 4},{patch}]" in hlo
+  assert f"[{2 * video_tokens},{patch}]" not in hlo and f"[2,{video_tokens},{patch}]" not in hlo

@@ -100,7 +100,7 @@ def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
   from flax import nnx  # noqa: PLC0415
 
   from vidlm import config as C  # noqa: PLC0415
-  from vidlm.sharding import batch_sharding  # noqa: PLC0415
+  from vidlm.sharding import input_sharding  # noqa: PLC0415
   from vidlm.train.loop import global_batch  # noqa: PLC0415
   from vidlm.train.step import random_batch  # noqa: PLC0415
 
@@ -121,7 +121,7 @@ def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
           d, n = cfg.data, cfg.train.batch_size
           shapes = {"frames": ((n, d.frames, d.height, d.width, 3), np.uint8), "tokens": ((n, d.text_len), np.int32)}
           b = {
-            k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_sharding(trainer.mesh, len(shape)))
+            k: jax.ShapeDtypeStruct(shape, dt, sharding=input_sharding(trainer.mesh, k, shape))
             for k, (shape, dt) in shapes.items()
           }
         t0 = time.perf_counter()

@@ -43,9 +43,16 @@ class VideoLM(nnx.Module):
 
     def make_block(r):
       return DecoderBlock(
-        embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim, attention_impl=a.impl, ring_layout=a.ring_layout, dtype=dtype,
-        param_dtype=param_dtype, rngs=r,
+        embed_dim=m.embed_dim,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        mlp_dim=m.mlp_dim,
+        attention_impl=a.impl,
+        ring_layout=a.ring_layout,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=r,
       )
 
     if m.scan_layers:
@@ -54,8 +61,13 @@ class VideoLM(nnx.Module):
       self.blocks = nnx.List([make_block(rngs) for _ in range(m.num_layers)])
     self.final_norm = RMSNorm(m.embed_dim, param_dtype=param_dtype)
     self.lm_head = nnx.Linear(
-      m.embed_dim, m.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")), rngs=rngs,
+      m.embed_dim,
+      m.vocab_size,
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")),
+      rngs=rngs,
     )
 
   def _token_order(self, num_tokens: int, tokens_per_frame: int) -> np.ndarray | None:
@@ -73,6 +85,16 @@ class VideoLM(nnx.Module):
     group = tokens_per_frame if self.ring_layout == "frame_striped" else 1
     return ring.token_permutation(num_tokens, ring_size, self.ring_layout, group)
 
+  def _split_frames(self, frames: jax.Array) -> jax.Array:
+    """Split the video over `seq` by frames before it is embedded. Unsplit, every device converts and embeds
+    the whole video: at 12.6M tokens on 4 GPUs that was ~9 GiB of temporaries per GPU per 1M tokens, the
+    limit on the longest context (BENCHMARKS.md). Frame counts that do not divide stay replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    seq = 1 if mesh is None or mesh.empty else mesh.shape.get("seq", 1)
+    if seq == 1 or frames.shape[1] % (seq * self.tubelet[0]):
+      return frames
+    return constrain(frames, ("batch", "frames", None, None, None))
+
   def __call__(
     self,
     frames: jax.Array,
@@ -86,7 +108,7 @@ class VideoLM(nnx.Module):
     grid = (f // tt, h // th, w // tw)
     num_video = grid[0] * grid[1] * grid[2]
     text_len = tokens.shape[1]
-    x = jnp.concatenate([self.video_embed(frames), self.text_embed(tokens)], axis=1)  # [B, N, E]
+    x = jnp.concatenate([self.video_embed(self._split_frames(frames)), self.text_embed(tokens)], axis=1)  # [B, N, E]
     rope = rope_lib.tables(rope_lib.video_text_positions(grid, text_len), self.head_dim, self.rope_theta)
     mask = MaskSpec.frame_causal(grid[1] * grid[2], video_tokens=num_video)
 

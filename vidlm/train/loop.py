@@ -36,12 +36,13 @@ class TrainingDiverged(RuntimeError):
 
 
 def global_batch(mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global arrays sharded over ("data", "fsdp") on the example axis."""
+  """Per-process numpy batch -> global arrays, examples over ("data", "fsdp") (`sharding.input_sharding`)."""
   out = {}
   for k, x in local.items():
     x = np.asarray(x)
     global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-    out[k] = jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, x.ndim), x, global_shape)
+    # each process passes all its frames; where F is split over seq, each device takes its slice of them
+    out[k] = jax.make_array_from_process_local_data(sharding.input_sharding(mesh, k, global_shape), x, global_shape)
   return out
 
 
