@@ -7,11 +7,15 @@ same code path (ring + fsdp + remat + bf16) runs on 8 fake CPU devices in second
 
 Layout: mesh (data=1, fsdp=1, seq=4, tensor=1). Every attention layer is a zigzag ring over `seq` (262,144
 tokens per GPU, causal work balanced across hops); weights, gradients and Adam moments are FSDP-sharded over
-("fsdp", "seq"), so each GPU holds a quarter of them; every layer is rematerialised (`remat=full`) so only the
-layer inputs (1M x 2048 bf16 = 4 GiB across the ring) are kept for the backward pass.
+("fsdp", "seq"), so each GPU holds a quarter of them. Every layer is rematerialised except the attention
+kernels' outputs (`remat=save_attention`): the backward pass reruns the projections and MLP but not the ring
+forward. Kept per layer for the backward: the layer input and the attention output (1M x 2048 bf16 each,
+1 GiB per GPU each).
 
 Sequence: 4096 frames of 256x256 in 16x16 tubelets (256 tokens per frame) = 1,048,576 video tokens + 2048 text
-tokens. Expected: see BENCHMARKS.md "Ring attention" for what was measured (step time, MFU, peak memory).
+tokens. Measured on 4x H200 (BENCHMARKS.md, "1M-token training step"): 204.5 s per step, MFU 47.8%, peak
+82.6 GiB per GPU. That peak does not fit 80 GB GPUs; `--config.model.remat=full` saves 1 GiB per layer per GPU
+(~22 GiB) for 24% more step time (both measured on a 2-layer slice; the full model with it was not run).
 """
 
 from vidlm.config import Config, MeshConfig
@@ -21,7 +25,7 @@ def get_config(arg: str | None = None) -> Config:
   cfg = Config(name="ring_1m")
   m = cfg.model
   m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2048, 24, 16, 4, 128, 5632
-  m.tubelet, m.dtype, m.param_dtype, m.remat = (1, 16, 16), "bfloat16", "float32", "full"
+  m.tubelet, m.dtype, m.param_dtype, m.remat = (1, 16, 16), "bfloat16", "float32", "save_attention"
   m.rope_theta = 10_000_000.0  # long context: LWM uses 1e7 at 1M tokens
   cfg.attention.impl, cfg.attention.ring_layout = "ring", "zigzag"
   cfg.mesh = MeshConfig(data=1, fsdp=1, seq=4, tensor=1)

@@ -78,8 +78,8 @@ def batch_sharding(mesh, ndim: int) -> NamedSharding:
 
 def input_sharding(mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
   """Sharding of one array of the data contract: examples over ("data", "fsdp"), and the video `frames`
-  [B, F, H, W, C] also split over "seq" on F where it divides, so no device holds the whole video (a 12M-token
-  video is ~10 GB of uint8 frames). VideoLM embeds each device's frames where they are."""
+  [B, F, H, W, C] also split over "seq" on F where it divides, so no device holds the whole video (a 16.8M-token
+  video is 13 GiB of uint8 frames). VideoLM embeds each device's frames where they are."""
   seq = dict(mesh.shape).get("seq", 1)
   if name == "frames" and len(shape) == 5 and seq > 1 and shape[1] % seq == 0:
     return NamedSharding(mesh, P(("data", "fsdp"), "seq", None, None, None))

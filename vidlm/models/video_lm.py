@@ -86,9 +86,9 @@ class VideoLM(nnx.Module):
     return ring.token_permutation(num_tokens, ring_size, self.ring_layout, group)
 
   def _split_frames(self, frames: jax.Array) -> jax.Array:
-    """Split the video over `seq` by frames before it is embedded. Unsplit, every device converts and embeds
-    the whole video: at 12.6M tokens on 4 GPUs that was ~9 GiB of temporaries per GPU per 1M tokens, the
-    limit on the longest context (BENCHMARKS.md). Frame counts that do not divide stay replicated."""
+    """Split the video over `seq` by frames before it is embedded, so each device converts and embeds only
+    its own frames. Without it XLA may convert and embed the whole video on every device (it does on CPU:
+    tests/vidlm/test_sharding.py). Frame counts that do not divide stay replicated."""
     mesh = jax.sharding.get_abstract_mesh()
     seq = 1 if mesh is None or mesh.empty else mesh.shape.get("seq", 1)
     if seq == 1 or frames.shape[1] % (seq * self.tubelet[0]):
