@@ -13,8 +13,8 @@ forward. Kept per layer for the backward: the layer input and the attention outp
 1 GiB per GPU each).
 
 Sequence: 4096 frames of 256x256 in 16x16 tubelets (256 tokens per frame) = 1,048,576 video tokens + 2048 text
-tokens. Measured on 4x H200 (BENCHMARKS.md, "1M-token training step"): 204.5 s per step, MFU 47.8%, peak
-82.6 GiB per GPU. That peak does not fit 80 GB GPUs; `--config.model.remat=full` saves 1 GiB per layer per GPU
+tokens. Measured on 4x H200 (BENCHMARKS.md, "1M-token training step"): 204.5-207.7 s per step, MFU 47.1-47.8%,
+peak 81-83 GiB per GPU. That peak does not fit 80 GB GPUs; `--config.model.remat=full` saves 1 GiB per layer per GPU
 (~22 GiB) for 24% more step time (both measured on a 2-layer slice; the full model with it was not run).
 """
 

@@ -284,9 +284,7 @@ def _check_types(obj, prefix: str) -> None:
     else:
       ok = isinstance(value, ann)
     if not ok:
-      raise ConfigError(
-        f"config.{where}: expected {getattr(ann, '__name__', ann)}, got {type(value).__name__} {value!r}"
-      )
+      raise ConfigError(f"config.{where}: expected {getattr(ann, '__name__', ann)}, got {type(value).__name__} {value!r}")
 
 
 def validate(cfg: Config, num_devices: int | None = None) -> Config:
@@ -348,7 +346,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
     batch_shards = resolve_mesh_shape(cfg.mesh, num_devices)
     shards = batch_shards[0] * batch_shards[1]
     if cfg.train.batch_size % shards:
-      raise ConfigError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by mesh data*fsdp={shards}")
+      raise ConfigError(
+        f"config.train.batch_size={cfg.train.batch_size} is not divisible by mesh data*fsdp={shards}"
+      )
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError(
       f"config.train.grad_accum={cfg.train.grad_accum} must be >= 1 and divide train.batch_size={cfg.train.batch_size}"

@@ -31,9 +31,7 @@ def _loss_on(shape):
   mesh = sharding.make_mesh(cfg.mesh, devices)
   with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
     model = build_model(cfg, nnx.Rngs(0))
-    batch = {
-      k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 8).items()
-    }
+    batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in step_lib.random_batch(cfg.data, 8).items()}
     loss, _ = nnx.jit(step_lib.loss_fn)(model, batch)
     return float(loss), nnx.state(model), mesh
 

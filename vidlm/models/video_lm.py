@@ -43,16 +43,9 @@ class VideoLM(nnx.Module):
 
     def make_block(r):
       return DecoderBlock(
-        embed_dim=m.embed_dim,
-        num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads,
-        head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim,
-        attention_impl=a.impl,
-        ring_layout=a.ring_layout,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=r,
+        embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+        mlp_dim=m.mlp_dim, attention_impl=a.impl, ring_layout=a.ring_layout, dtype=dtype,
+        param_dtype=param_dtype, rngs=r,
       )
 
     if m.scan_layers:
@@ -61,13 +54,8 @@ class VideoLM(nnx.Module):
       self.blocks = nnx.List([make_block(rngs) for _ in range(m.num_layers)])
     self.final_norm = RMSNorm(m.embed_dim, param_dtype=param_dtype)
     self.lm_head = nnx.Linear(
-      m.embed_dim,
-      m.vocab_size,
-      use_bias=False,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")),
-      rngs=rngs,
+      m.embed_dim, m.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")), rngs=rngs,
     )
 
   def _token_order(self, num_tokens: int, tokens_per_frame: int) -> np.ndarray | None:
