@@ -82,7 +82,7 @@ def input_sharding(mesh, name: str, shape: tuple[int, ...]) -> NamedSharding:
   video is 13 GiB of uint8 frames). VideoLM embeds each device's frames where they are."""
   seq = dict(mesh.shape).get("seq", 1)
   if name == "frames" and len(shape) == 5 and seq > 1 and shape[1] % seq == 0:
-    return NamedSharding(mesh, P(("data", "fsdp"), "seq", None, None, None))
+    return NamedSharding(mesh, logical_to_spec(("batch", "frames", None, None, None)))
   return batch_sharding(mesh, len(shape))
 
 

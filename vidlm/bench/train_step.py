@@ -148,7 +148,7 @@ def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="vidlm bench train_step")
   p.add_argument("--config", required=True)
-  p.add_argument("--steps", type=int, default=2, help="timed steps after the compile and one warm-up step")
+  p.add_argument("--steps", type=int, default=2, help="timed steps after the compile and one warm-up step (0: the warm-up step is reported as the step)")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per device")
   p.add_argument(
     "--fallback-remat",
