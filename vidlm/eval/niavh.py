@@ -33,7 +33,8 @@ def _check_depths(depths) -> tuple[float, ...]:
   return depths
 
 
-@register_evaluator("niavh")
+# headline (a sweep table's columns): per tier, exact match at each length multiplier and over the whole grid
+@register_evaluator("niavh", headline=(("{}_{}x", "tiers.*.by_multiplier.*"), ("{}_mean", "tiers.*.mean")))
 def evaluate(ctx: EvalContext) -> dict:
   """Returns the JSON written to niavh.json (see module docstring); accuracies are fractions in [0, 1]."""
   cfg, e = ctx.cfg, ctx.cfg.eval
@@ -107,6 +108,7 @@ def evaluate(ctx: EvalContext) -> dict:
       "worst_depth": float(per_depth.min()),
       "worst_depth_at": depths[int(per_depth.argmin())],
       "mean_by_length": acc.mean(axis=0).tolist(),
+      "by_multiplier": {str(x.multiplier): float(acc[:, j].mean()) for j, x in enumerate(lengths)},
       "worst_depth_by_length": acc.min(axis=0).tolist(),
       "heatmap": str(heatmap_path),
       "seconds": time.perf_counter() - t0,

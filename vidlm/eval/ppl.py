@@ -19,7 +19,7 @@ from vidlm.eval.scoring import summarise
 SPLIT = "ppl"
 
 
-@register_evaluator("loss")
+@register_evaluator("loss", headline=(("exact_match", "exact_match"), ("token_accuracy", "token_accuracy"), ("loss", "loss")))
 def held_out_loss(ctx: EvalContext) -> dict:
   """Held-out loss / token accuracy / exact match on the eval split at the training length (+ perplexity)."""
   out = ctx.trainer.evaluate_loss()
@@ -27,7 +27,7 @@ def held_out_loss(ctx: EvalContext) -> dict:
   return out
 
 
-@register_evaluator("ppl_vs_length")
+@register_evaluator("ppl_vs_length", headline=(("loss_{}x", "lengths[multiplier=*].loss"),))
 def ppl_vs_length(ctx: EvalContext) -> dict:
   cfg = ctx.cfg
   lengths = grid.lengths(cfg)
