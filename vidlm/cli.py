@@ -5,6 +5,7 @@
   vidlm data  make-synthetic ... | ingest ...
   vidlm bench attention ... | ring ...
   vidlm demo  [--workdir runs/demo]                               (the main job: train + evaluate + report)
+  vidlm sweep --config experiments/ablations/attention.py --workdir runs/x   (get_sweep() variants, results.md)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def cmd_train(argv: list[str]) -> int:
 
   summary = Trainer(cfg, args.workdir).train()
   print(json.dumps({"final": summary, "processes": jax.process_count(), "devices": jax.device_count()}), flush=True)
-  return 0
+  return int(summary.get("exit_code") or 0)  # 130 after SIGINT, 0 after SIGTERM (vidlm/train/stopping.py)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if cmd in commands:
       return commands[cmd](rest)
+    if cmd == "sweep":
+      return _delegate("vidlm.sweep", rest)
     if cmd == "data":
       return _delegate("vidlm.data.commands", rest)
     if cmd == "bench":
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
     raise
-  print(f"unknown command {cmd!r}; expected train | eval | data | bench | demo", file=sys.stderr)
+  print(f"unknown command {cmd!r}; expected train | eval | data | bench | demo | sweep", file=sys.stderr)
   return 2
 
 

@@ -1,8 +1,10 @@
 """The training loop: build, restore, step, log, checkpoint, stop cleanly.
 
 Resume is exact: model, optimizer and data-iterator state come back together, so a resumed run sees the
-batches an uninterrupted run would have seen (tests/vidlm/test_resume.py). SIGTERM saves a checkpoint at the
-current step and returns normally (exit 0), which is what preemptible schedulers expect.
+batches an uninterrupted run would have seen (tests/vidlm/test_resume.py). SIGTERM and SIGINT (Ctrl-C) save a
+checkpoint at the end of the current step and return normally; all processes agree on that step
+(`vidlm.train.stopping`). `vidlm train` then exits 0 after SIGTERM (what preemptible schedulers expect) and 130 after
+SIGINT (interrupted), with the signal and step printed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from vidlm import sharding
 from vidlm.models import build_model
 from vidlm.train import optim
 from vidlm.train import step as step_lib
-from vidlm.train.checkpoint import Checkpointer
-from vidlm.train.metrics import MetricWriter
+from vidlm.train.checkpoint import Checkpointer, check_config_matches_run
+from vidlm.train.metrics import MetricWriter, truncate_jsonl
+from vidlm.train.stopping import StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +114,39 @@ class Trainer:
   def train(self) -> dict[str, float]:
     cfg, workdir = self.cfg, self.workdir
     is_main = jax.process_index() == 0
+    # a config that cannot resume this workdir's run fails here, before anything in the workdir is written
+    check_config_matches_run(cfg, workdir)
+    data_iter = self.data_iterator("train")
+    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
+    try:
+      restored = ckpt.restore(self.state, data_iter)  # unreadable steps are moved aside (checkpoint.py)
+      source = ckpt.directory
+      if restored is None and cfg.checkpoint.restore_from:
+        other = Checkpointer(cfg.checkpoint.restore_from, cfg.checkpoint)
+        try:
+          restored, source = other.restore(self.state, data_iter), other.directory
+        finally:
+          other.close()
+    except BaseException:
+      ckpt.close()
+      raise
+    if restored is None and ckpt.moved_aside:
+      data_iter = self.data_iterator("train")  # a failed restore may have left it part-way: start it afresh
+    start = restored[0] if restored else 0
+    # the run is known to start: only now record its config (a mismatched or failed start leaves the old one)
     if is_main:
       workdir.mkdir(parents=True, exist_ok=True)
       (workdir / "config.json").write_text(config_lib.to_json(cfg))
       (workdir / "param_shardings.txt").write_text(sharding.describe(self.state) + "\n")
-    data_iter = self.data_iterator("train")
-    ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    restored = ckpt.restore(self.state, data_iter)
-    if restored is None and cfg.checkpoint.restore_from:
-      restored = Checkpointer(cfg.checkpoint.restore_from, cfg.checkpoint).restore(self.state, data_iter)
-    start = restored[0] if restored else 0
     if restored and is_main:
-      print(f"resumed from checkpoint step {start} in {workdir / 'checkpoints'}", flush=True)
+      print(f"resumed from checkpoint step {start} in {source}", flush=True)
+    # logs: drop what a killed run wrote after the checkpoint we resume from, so each step is logged once
     writer = MetricWriter(workdir, total_steps=cfg.train.steps, progress_bar=cfg.train.progress_bar, start_step=start)
+    if is_main:
+      truncate_jsonl(workdir / "data_order.jsonl", start)
     order_log = open(workdir / "data_order.jsonl", "a") if is_main else None  # noqa: SIM115
 
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    stop = StopRequest().install()  # SIGTERM/SIGINT: save at the end of the step (agreed by all processes), exit
     tokens_per_step = cfg.train.batch_size * self.seq_len
     last = {}
     t_start, steps_timed = None, 0
@@ -164,19 +182,20 @@ class Trainer:
           writer.progress(step, {"loss": loss, **rates})
           if cfg.eval.every and step % cfg.eval.every == 0:
             writer.write(step, self.evaluate_loss(), prefix="eval")
-          if stop["signal"] is not None:
+          if stop.should_stop(step):  # a collective when process_count() > 1: every process calls it every step
             ckpt.save(step, self.state, data_iter, wait=True)
-            log.warning("SIGTERM: saved checkpoint at step %d; exiting", step)
-            print(f"SIGTERM received: checkpoint saved at step {step}", flush=True)
-            return {"step": step, "stopped": 1.0, **last}
+            log.warning("%s; exiting", stop.describe())
+            print(stop.describe(), flush=True)
+            return {"step": step, "stopped": 1.0, "exit_code": stop.exit_code, **last}
           if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            writer.flush()  # the logs up to a checkpoint reach disk before it does (a resume keeps them)
             ckpt.save(step, self.state, data_iter)
       if not ckpt.steps() or ckpt.steps()[-1] != step:
         ckpt.save(step, self.state, data_iter)
       ckpt.wait()
-      return {"step": step, **last}
+      return {"step": step, "resumed_from": start, **last}
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      stop.restore()
       writer.close()
       if order_log is not None:
         order_log.close()
