@@ -132,7 +132,10 @@ def test_cli_make_synthetic_matches_auto_generation(tmp_path, capsys):
     ra, rb = records.decode_record(a[i]), records.decode_record(b[i])
     np.testing.assert_array_equal(ra["frames"], rb["frames"])
     assert ra["answer"] == rb["answer"]
-  assert records.read_metadata(out) == records.read_metadata(auto) | {"num_shards": 2}
+  meta_out, meta_auto = records.read_metadata(out), records.read_metadata(auto)
+  assert sorted(meta_out.pop("files")) == ["shard-00000-of-00002.array_record", "shard-00001-of-00002.array_record"]
+  assert len(meta_auto.pop("files")) == 1  # per-shard size + crc32 (checked when the data is used)
+  assert meta_out == meta_auto | {"num_shards": 2}
 
 
 @pytest.mark.parametrize(

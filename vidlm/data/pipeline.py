@@ -1,12 +1,18 @@
 """grain input pipeline: ArrayRecord shards -> checkpointable iterator of per-process numpy batches.
 
-  ArrayRecordDataSource -> MapDataset -> shuffle(seed) [train] -> repeat [train] -> [process_index::process_count]
-  -> decode -> batch(local, drop_remainder) -> to_iter_dataset(prefetch threads)
+  CheckedSource -> MapDataset -> shuffle(seed) [train] -> repeat [train] -> [process_index::process_count]
+  -> decode (None for a bad record) -> to_iter_dataset(prefetch threads; drops the Nones) -> batch(local)
 
-Everything before `to_iter_dataset` is a MapDataset (random access), so the iterator state is one integer and a
-restored run sees exactly the batches it would have seen (the state goes into orbax through
-`grain.checkpoint.CheckpointSave/Restore`). Slicing after shuffle+repeat gives each process a disjoint share of
-every epoch from one global permutation, with no coordination between processes.
+Everything before `to_iter_dataset` is a MapDataset (random access), so the iterator state is one integer (the
+next example index) and a restored run sees exactly the batches it would have seen (the state goes into orbax
+through `grain.checkpoint.CheckpointSave/Restore`). Slicing after shuffle+repeat gives each process a disjoint
+share of every epoch from one global permutation, with no coordination between processes. Batching after
+`to_iter_dataset` is what lets a corrupt record be skipped (and counted, `source.skipped_records()`) while every
+batch stays full; nothing is silently replaced by another example.
+
+Checks before the first step (one-line `ConfigError`, exit 2 from the CLI): `data.path` exists and holds shards
+plus metadata.json, the shards match the size/crc32 in metadata.json, every shard opens, and data.frames/height/
+width/text_len fit the records. A damaged generated cache (<workdir>/data) is regenerated with a warning instead.
 
 Batch (per process, B = global_batch_size // process_count):
   frames uint8 [B, F, H, W, 3]; tokens, targets int32 [B, L]; loss_mask float32 [B, L]; index int32 [B].
@@ -23,7 +29,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from vidlm.data import procedural, records
+from vidlm.config import ConfigError
+from vidlm.data import procedural, records, source
 
 GENERATOR_VERSION = 3  # bump when procedural.py output changes, so cached shards are regenerated
 BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
@@ -48,10 +55,19 @@ def generation_metadata(data_cfg, split: str) -> dict:
 
 
 def _matches(directory: Path, want: dict) -> bool:
+  """The cached split was generated for `want` and its shards still match their recorded size/crc32.
+
+  A damaged cache (truncated or garbled shard, missing file) is reported by name and regenerated, never reused.
+  """
   meta = records.read_metadata(directory)
-  if meta is None or not records.shard_paths(directory):
+  if meta is None:
     return False
-  return all(meta.get(k) == v for k, v in want.items()) and meta.get("num_records") == want["num"]
+  if not (all(meta.get(k) == v for k, v in want.items()) and meta.get("num_records") == want["num"]):
+    return False
+  problems = records.verify_shards(directory, meta)
+  for file, reason in problems:
+    logging.warning("generated data cache %s is damaged (%s: %s); regenerating it", directory, file, reason)
+  return not problems
 
 
 @contextlib.contextmanager
@@ -77,12 +93,15 @@ def ensure_generated(data_cfg, split: str, out_dir: str | os.PathLike, *, progre
   if _matches(out, want):
     return str(out)
   if data_cfg.dataset != "niavh":
-    raise ValueError(f"data.dataset={data_cfg.dataset!r} has no generator; set data.path to ingested records")
+    raise ConfigError(f"data.dataset={data_cfg.dataset!r} has no generator; set data.path to ingested records")
   if want["num"] < 1:
-    raise ValueError(f"data.num_{'train' if split == 'train' else 'eval'} must be >= 1, got {want['num']}")
-  for tier in data_cfg.tiers:  # fail on config errors before taking the lock or writing anything
-    procedural.validate(frames=data_cfg.frames, height=data_cfg.height, width=data_cfg.width, tier=tier,
-                        num_needles=data_cfg.num_needles, num_asked=data_cfg.num_asked)
+    raise ConfigError(f"data.num_{'train' if split == 'train' else 'eval'} must be >= 1, got {want['num']}")
+  try:  # fail on config errors before taking the lock or writing anything
+    for tier in data_cfg.tiers:
+      procedural.validate(frames=data_cfg.frames, height=data_cfg.height, width=data_cfg.width, tier=tier,
+                          num_needles=data_cfg.num_needles, num_asked=data_cfg.num_asked)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   with _file_lock(out.parent / f".{out.name}.lock"):
     if _matches(out, want):
       return str(out)
@@ -104,30 +123,91 @@ def ensure_generated(data_cfg, split: str, out_dir: str | os.PathLike, *, progre
   return str(out)
 
 
+_FIX_USER_DATA = "regenerate it (vidlm data make-synthetic / vidlm data ingest) or restore the file"
+
+
 def split_dir(data_cfg, split: str, workdir: str | os.PathLike) -> str:
-  """Directory holding `split`'s shards: `<data.path>/<split>` or `<data.path>` itself, else generated data."""
+  """Directory holding `split`'s shards: `<data.path>/<split>` or `<data.path>` itself, else generated data.
+
+  A user's data.path is checked, never rewritten: it must exist, hold shards and metadata.json, and the shards must
+  match the sizes/crc32 recorded there (a mismatch is a ConfigError naming the file).
+  """
   if data_cfg.path is None:
     return ensure_generated(data_cfg, split, Path(workdir) / "data" / split)
   root = Path(data_cfg.path)
+  if not root.is_dir():
+    raise ConfigError(f"data.path={data_cfg.path}: no such directory (point it at the --out of "
+                      f"`vidlm data make-synthetic` or `vidlm data ingest`, or unset it to generate data)")
   for candidate in (root / split, root):
     if records.shard_paths(candidate):
       if candidate == root and split != "train":
         logging.warning("data.path=%s has no %r subdirectory; using the same records for %s", root, split, split)
+      _verify_user_data(candidate)
       return str(candidate)
-  raise FileNotFoundError(f"data.path={data_cfg.path}: no *{records.SHARD_SUFFIX} shards in {root / split} or {root}")
+  raise ConfigError(f"data.path={data_cfg.path}: no *{records.SHARD_SUFFIX} shards in {root / split} or {root} "
+                    f"(write them with `vidlm data make-synthetic` or `vidlm data ingest`)")
 
 
-def _check_shapes(directory: str, data_cfg) -> None:
+def _verify_user_data(directory: Path) -> None:
+  meta_path = directory / records.METADATA_FILE
+  meta = records.read_metadata(directory)
+  if meta is None:
+    raise ConfigError(f"data.path: {meta_path} is missing or unreadable; the shards cannot be checked against the "
+                      f"config ({_FIX_USER_DATA})")
+  if not isinstance(meta.get("files"), dict):
+    logging.warning("data.path: %s records no shard checksums (written by an older vidlm); shards not verified",
+                    meta_path)
+    return
+  problems = records.verify_shards(directory, meta)
+  if problems:
+    file, reason = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    raise ConfigError(f"data.path: shard {file} does not match {records.METADATA_FILE} ({reason}){more}; "
+                      f"{_FIX_USER_DATA}")
+
+
+def _check_shapes(directory: str, data_cfg, first: dict | None) -> None:
+  """data.frames/height/width must equal the records'; data.text_len must hold the longest stored text.
+
+  From metadata.json when it says, else from the first record, so a mismatch is one line before step 1 rather
+  than every record being skipped.
+  """
   meta = records.read_metadata(directory) or {}
-  for field in ("frames", "height", "width"):
-    if field in meta and meta[field] != getattr(data_cfg, field):
-      raise ValueError(f"data.{field}={getattr(data_cfg, field)} but the records in {directory} have "
-                       f"{field}={meta[field]}")
+  stored = {k: meta[k] for k in ("frames", "height", "width") if k in meta}
+  if first is not None:
+    f, h, w = first["frames"].shape[:3]
+    stored = {"frames": f, "height": h, "width": w, **stored}
+  for field, value in stored.items():
+    if value != getattr(data_cfg, field):
+      raise ConfigError(f"data.{field}={getattr(data_cfg, field)} but the records in {directory} have "
+                        f"{field}={value}; set --config.data.{field}={value}")
+  longest = meta.get("max_tokens", meta.get("text_len"))
+  if first is not None:
+    longest = max(longest or 0, int(first["tokens"].size))
+  if longest is not None and longest > data_cfg.text_len:
+    raise ConfigError(f"data.text_len={data_cfg.text_len} but the records in {directory} hold texts of up to "
+                      f"{longest} tokens (text_len={meta.get('text_len', '?')}); set --config.data.text_len={longest} "
+                      f"or more")
 
 
-def _decoder(text_len: int):
-  def decode(raw: bytes) -> dict[str, np.ndarray]:
-    rec = records.decode_record(raw, text_len)
+def _decoder(src: source.CheckedSource, data_cfg):
+  """Record -> batch example, or None (skipped and counted, naming the shard) when it cannot be used."""
+  want = (int(data_cfg.frames), int(data_cfg.height), int(data_cfg.width), 3)
+  text_len = int(data_cfg.text_len)
+
+  def decode(item: tuple[int, bytes | source.BadRecord]) -> dict[str, np.ndarray] | None:
+    index, raw = item
+    if isinstance(raw, source.BadRecord):
+      source.note_skip(raw.file, raw.position, raw.reason)
+      return None
+    try:
+      rec = records.decode_record(raw, text_len)
+      if rec["frames"].shape != want:
+        raise ValueError(f"frames shape {rec['frames'].shape}, config wants {want}")
+    except Exception as e:  # garbled bytes that passed the chunk hash, or one odd record
+      file, position = src.locate(index)
+      source.note_skip(file, position, source.reason(e))
+      return None
     return {
       "frames": rec["frames"],
       "tokens": rec["tokens"],
@@ -163,15 +243,22 @@ def make_dataset(
   """This process's decoded examples as a MapDataset (before batching): shuffled and repeated for train."""
   process_index, process_count = _process_info(process_index, process_count)
   directory = split_dir(data_cfg, split, workdir)
-  _check_shapes(directory, data_cfg)
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(records.shard_paths(directory)))
+  fix = _FIX_USER_DATA if data_cfg.path is not None else f"delete {directory} to regenerate it"
+  src = source.CheckedSource(records.shard_paths(directory), what=f"data ({split})", fix=fix)
+  first = None
+  if len(src):
+    _, raw = src[0]
+    with contextlib.suppress(Exception):  # a bad first record is skipped later like any other
+      first = records.decode_record(raw) if isinstance(raw, bytes) else None
+  _check_shapes(directory, data_cfg, first)
+  ds = grain.MapDataset.source(src)
   train = split == "train"
   if train and data_cfg.shuffle:
     ds = ds.shuffle(seed=seed)
   if train or num_epochs is not None:
     ds = ds.repeat(num_epochs)
   ds = ds[process_index::process_count]
-  return ds.map(_decoder(data_cfg.text_len))
+  return ds.map(_decoder(src, data_cfg))
 
 
 def make_iterator(
@@ -192,17 +279,17 @@ def make_iterator(
   process_index, process_count = _process_info(process_index, process_count)
   if global_batch_size < 1 or global_batch_size % process_count:
     field = "train.batch_size" if split == "train" else "eval.batch_size"
-    raise ValueError(f"{field}={global_batch_size} must be a positive multiple of the process count "
-                     f"({process_count})")
+    raise ConfigError(f"{field}={global_batch_size} must be a positive multiple of the process count "
+                      f"({process_count})")
   local = global_batch_size // process_count
   ds = make_dataset(data_cfg, split=split, seed=seed, workdir=workdir, process_index=process_index,
                     process_count=process_count, num_epochs=num_epochs)
   if len(ds) < local:
     which = "train" if split == "train" else "eval"
-    raise ValueError(f"split {split!r} gives {len(ds)} examples per process, fewer than one batch of {local} "
-                     f"(raise data.num_{which} or lower {which}.batch_size)")
-  ds = ds.batch(local, drop_remainder=True)
+    raise ConfigError(f"split {split!r} gives {len(ds)} examples per process, fewer than one batch of {local} "
+                      f"(raise data.num_{which} or lower {which}.batch_size)")
   prefetch = max(0, int(data_cfg.prefetch))
   # Two threads suit a 2-core host; decode is zlib + copies, which release the GIL for most of their time.
-  options = grain.ReadOptions(num_threads=min(2, prefetch), prefetch_buffer_size=prefetch)
-  return iter(ds.to_iter_dataset(options))
+  options = grain.ReadOptions(num_threads=min(2, prefetch), prefetch_buffer_size=max(prefetch, 1) * local)
+  # Batch after to_iter_dataset: the iterator drops skipped (None) records, so every batch is full.
+  return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
