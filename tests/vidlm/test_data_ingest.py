@@ -2,7 +2,8 @@
 
 The mp4 files are made here with PyAV: each frame carries a bright vertical bar at a known column, so uniform
 sampling and resizing can be checked from pixels. One file is corrupt, one is missing, one caption line is not
-JSON: all are skipped and counted while the others are written.
+JSON, one has no question or caption and one caption is too long for --text-len: all are skipped and counted
+(2 videos, 3 caption lines) while the others are written.
 """
 
 import json
@@ -46,10 +47,12 @@ def corpus(tmp_path_factory):
   lines = [
     {"video": "long.mp4", "question": "Where does the bar go?", "answer": "left to right"},
     {"video": "corrupt.mp4", "question": "q", "answer": "a"},
-    {"video": "short.mp4", "caption": "a bar sweeps across " * 20},  # long caption: truncated to fit
+    {"video": "short.mp4", "caption": "a bar sweeps across " * 20},  # 3 + 19 + 400 = 422 tokens: too long, skipped
     "{not json",
     {"video": "missing.mp4", "caption": "never there"},
     {"video": "h264.mp4", "caption": "bar"},
+    {"video": "short.mp4", "answer": "no question"},  # neither question nor caption
+    {"video": "short.mp4", "caption": "a bar sweeps"},
   ]
   captions = root / "captions.jsonl"
   captions.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
@@ -80,18 +83,21 @@ def test_ingest_skips_and_counts_bad_inputs(corpus, tmp_path):
   root, captions = corpus
   report = ingest.ingest(root, captions, tmp_path, frames=6, height=16, width=16, text_len=48, progress=False)
   assert report.written == 3
-  assert {name for name, _ in report.skipped} == {"corrupt.mp4", "missing.mp4", f"{captions}:4"}
-  assert report.bad_lines == 1 and report.truncated == 1
+  assert report.bad_videos == {"unreadable": ["corrupt.mp4"], "missing": ["missing.mp4"]}
+  assert report.bad_lines == {"too long for --text-len=48": [3], "malformed": [4, 7]}
+  assert report.summary() == ("wrote 3 clips; skipped 2 videos (unreadable: corrupt.mp4; missing: missing.mp4), "
+                              "3 caption lines (too long for --text-len=48: line 3; malformed: line 4, line 7)")
+  assert dict(report.skipped)[f"{captions}:3"] == "question+answer need 422 tokens, --text-len=48"
   source = ArrayRecordDataSource(records.shard_paths(tmp_path))
   got = [records.decode_record(source[i], 48) for i in range(len(source))]
-  assert [g["source"] for g in got] == ["long.mp4", "short.mp4", "h264.mp4"]
+  assert [g["source"] for g in got] == ["long.mp4", "h264.mp4", "short.mp4"]
   assert got[0]["frames"].shape == (6, 16, 16, 3)
   assert T.answer_from_arrays(got[0]["targets"], got[0]["loss_mask"]) == "left to right"
-  assert got[1]["question"] == ingest.CAPTION_QUESTION and got[1]["answer"].startswith("a bar sweeps")
-  assert (got[1]["tokens"] != T.PAD).sum() == 48  # truncated to exactly fill text_len, EOS kept
-  assert got[1]["tokens"][-1] == T.EOS
+  assert got[2]["question"] == ingest.CAPTION_QUESTION and got[2]["answer"] == "a bar sweeps"  # never cut
   meta = records.read_metadata(tmp_path)
-  assert meta["skipped"] == 3 and meta["num_records"] == 3 and meta["frames"] == 6
+  assert meta["num_records"] == 3 and meta["frames"] == 6 and meta["max_tokens"] == 38
+  assert meta["skipped_videos"] == report.bad_videos and meta["skipped_caption_lines"] == report.bad_lines
+  assert records.verify_shards(tmp_path) == []
 
 
 def test_cli_ingest_then_train_pipeline_reads_it(corpus, tmp_path, capsys):
@@ -101,7 +107,8 @@ def test_cli_ingest_then_train_pipeline_reads_it(corpus, tmp_path, capsys):
                       "--frames", "4", "--height", "16", "--width", "16", "--text-len", "64", "--quiet"])
   assert rc == 0
   captured = capsys.readouterr()
-  assert "ingested 3 clip(s); skipped 3" in captured.out
+  assert captured.out.startswith("wrote 3 clips; skipped 2 videos (unreadable: corrupt.mp4; missing: missing.mp4), "
+                                  "3 caption lines (too long for --text-len=64: line 3; malformed: line 4, line 7)")
   assert "skipped corrupt.mp4" in captured.err
   cfg = pipeline_cfg(path=str(out), frames=4, text_len=64)
   batch = next(pipeline.make_iterator(cfg, split="train", global_batch_size=2, seed=0, workdir=str(tmp_path),

@@ -2,8 +2,10 @@
 
 Captions JSONL, one clip per line:
   {"video": "name.mp4", "question": "...", "answer": "..."}   or   {"video": "name.mp4", "caption": "..."}
-A caption-only line becomes question `CAPTION_QUESTION` with the caption as the answer. Unreadable, corrupt or
-missing videos and malformed lines are skipped and counted, so one bad file never loses a long ingest run.
+A caption-only line becomes question `CAPTION_QUESTION` with the caption as the answer. Nothing aborts a long
+ingest run: a missing or undecodable video is skipped and counted as a video (by name); a caption line that is not
+valid JSON, or whose [BOS] question [SEP] answer [EOS] does not fit --text-len, is skipped and counted as a caption
+line (by line number). Answers are never cut: a truncated caption would be a different training target.
 """
 
 import dataclasses
@@ -18,16 +20,56 @@ from vidlm.data import records, tokenizer
 CAPTION_QUESTION = "Describe the video."
 
 
+def _listing(groups: dict[str, list[str]], limit: int = 10) -> str:
+  parts = []
+  for kind, items in groups.items():
+    shown = ", ".join(items[:limit]) + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+    parts.append(f"{kind}: {shown}")
+  return "; ".join(parts)
+
+
+def _plural(n: int, word: str) -> str:
+  return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @dataclasses.dataclass
 class IngestReport:
+  """What an ingest wrote and skipped. Videos and caption lines are counted apart: one bad video is one video
+  however many lines name it, one bad line is one line."""
+
   written: int = 0
-  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (video or line, reason)
-  bad_lines: int = 0
-  truncated: int = 0
+  bad_videos: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # kind -> video names
+  bad_lines: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # kind -> 1-based line numbers
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (video or file:line, full reason)
+
+  def skip_video(self, name: str, kind: str, detail: str) -> None:
+    names = self.bad_videos.setdefault(kind, [])
+    if name not in names:
+      names.append(name)
+    self.skipped.append((name, detail))
+
+  def skip_line(self, where: str, lineno: int, kind: str, detail: str) -> None:
+    self.bad_lines.setdefault(kind, []).append(lineno)
+    self.skipped.append((f"{where}:{lineno}", detail))
+
+  @property
+  def num_bad_videos(self) -> int:
+    return sum(len(v) for v in self.bad_videos.values())
+
+  @property
+  def num_bad_lines(self) -> int:
+    return sum(len(v) for v in self.bad_lines.values())
 
   def summary(self) -> str:
-    return (f"ingested {self.written} clip(s); skipped {len(self.skipped)} unreadable/missing video(s); "
-            f"{self.bad_lines} malformed caption line(s); {self.truncated} answer(s) truncated")
+    """e.g. `wrote 3 clips; skipped 2 videos (unreadable: a.mp4, b.mp4), 2 caption lines (too long for
+    --text-len=32: line 3, line 7)`."""
+    skipped = []
+    if self.bad_videos:
+      skipped.append(f"{_plural(self.num_bad_videos, 'video')} ({_listing(self.bad_videos)})")
+    if self.bad_lines:
+      lines = {k: [f"line {n}" for n in v] for k, v in self.bad_lines.items()}
+      skipped.append(f"{_plural(self.num_bad_lines, 'caption line')} ({_listing(lines)})")
+    return f"wrote {_plural(self.written, 'clip')}; skipped {', '.join(skipped) if skipped else 'nothing'}"
 
 
 def _sample_indices(num_available: int, frames: int) -> np.ndarray:
@@ -80,15 +122,9 @@ def read_video(path: str | os.PathLike, frames: int, height: int, width: int) ->
   return np.stack([kept[int(i)] for i in wanted]).astype(np.uint8)
 
 
-def _fit_answer(question: str, answer: str, text_len: int) -> tuple[str, bool]:
-  """Cut the answer (at a UTF-8 character boundary) so [BOS] q [SEP] a [EOS] fits text_len."""
-  room = text_len - len(tokenizer.prompt_ids(question)) - 1
-  if room < 1:
-    raise ValueError(f"--text-len={text_len} leaves no room for an answer after question {question!r}")
-  raw = answer.encode("utf-8")
-  if len(raw) <= room:
-    return answer, False
-  return raw[:room].decode("utf-8", errors="ignore"), True
+def _text_tokens(question: str, answer: str) -> int:
+  """Length of [BOS] question [SEP] answer [EOS] in tokens (bytes + 3)."""
+  return len(tokenizer.prompt_ids(question)) + len(tokenizer.encode(answer)) + 1
 
 
 def ingest(
@@ -121,16 +157,23 @@ def ingest(
         else:
           question, answer = CAPTION_QUESTION, str(entry["caption"])
       except (ValueError, KeyError, TypeError):
-        report.bad_lines += 1
-        report.skipped.append((f"{captions_path}:{lineno}", "malformed caption line"))
+        report.skip_line(str(captions_path), lineno, "malformed", "malformed caption line (expected JSON with "
+                         "'video' and 'question'+'answer' or 'caption')")
+        continue
+      need = _text_tokens(question, answer)
+      if need > text_len:  # checked before decoding: no time spent on a clip that cannot be written
+        report.skip_line(str(captions_path), lineno, f"too long for --text-len={text_len}",
+                         f"question+answer need {need} tokens, --text-len={text_len}")
+        continue
+      path = videos / name
+      if not path.is_file():
+        report.skip_video(name, "missing", f"no such file in {videos}")
         continue
       try:
-        clip = read_video(videos / name, frames, height, width)
+        clip = read_video(path, frames, height, width)
       except Exception as e:  # any decoder failure means: skip this file, count it, keep going
-        report.skipped.append((name, f"{type(e).__name__}: {e}".splitlines()[0][:200]))
+        report.skip_video(name, "unreadable", f"{type(e).__name__}: {e}".splitlines()[0][:200])
         continue
-      answer, cut = _fit_answer(question, answer, text_len)
-      report.truncated += cut
       yield {
         "frames": clip,
         "question": question,
@@ -148,7 +191,6 @@ def ingest(
     metadata={"dataset": "ingest", "frames": frames, "height": height, "width": width, "text_len": text_len},
   )
   meta = records.read_metadata(out_dir) or {}
-  meta.update({"skipped": len(report.skipped), "bad_lines": report.bad_lines, "truncated": report.truncated})
-  with open(Path(out_dir) / records.METADATA_FILE, "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  meta.update({"skipped_videos": report.bad_videos, "skipped_caption_lines": report.bad_lines})
+  records.write_metadata(out_dir, meta)
   return report
