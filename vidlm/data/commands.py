@@ -4,8 +4,10 @@
   vidlm data ingest --videos DIR --captions FILE.jsonl --out DIR [--frames F --height H --width W]
   vidlm data tfds-build --data-dir DIR [--config tiny]
 
-Output directories hold ArrayRecord shards plus metadata.json; point `--config.data.path=DIR` at one (or at a
-folder with `train/` and `eval/` inside). Errors are one line naming the flag or file; exit status 2.
+Output directories hold ArrayRecord shards plus metadata.json (with each shard's size and crc32, checked when
+training reads them); point `--config.data.path=DIR` at one (or at a folder with `train/` and `eval/` inside).
+tfds-build output is used the same way: `--config.data.path=<data-dir>/vidlm_niavh/<config>/<version>`.
+See docs/data.md. Errors are one line naming the flag or file; exit status 2.
 """
 
 import argparse
@@ -121,8 +123,11 @@ def tfds_build(args) -> int:
     raise UsageError(f"--config: unknown TFDS config {args.config!r} (choose from {', '.join(names)})")
   builder = tfds.builder(f"vidlm_niavh/{args.config}", data_dir=args.data_dir)
   builder.download_and_prepare()
-  print(f"built vidlm_niavh/{args.config} in {builder.data_dir}; read it with "
-        f"tfds.data_source('vidlm_niavh/{args.config}', data_dir={args.data_dir!r})")
+  c = builder.builder_config
+  print(f"built vidlm_niavh/{args.config} in {builder.data_dir}; train on it with --config.data.path="
+        f"{builder.data_dir} --config.data.frames={c.frames} --config.data.height={c.height} "
+        f"--config.data.width={c.width} --config.data.text_len={c.text_len} (or read it with "
+        f"tfds.data_source('vidlm_niavh/{args.config}', data_dir={args.data_dir!r}))")
   return 0
 
 

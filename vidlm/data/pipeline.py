@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from vidlm.config import ConfigError
-from vidlm.data import procedural, records, source
+from vidlm.data import procedural, records, source, tokenizer
 
 GENERATOR_VERSION = 3  # bump when procedural.py output changes, so cached shards are regenerated
 BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
@@ -138,6 +138,12 @@ def split_dir(data_cfg, split: str, workdir: str | os.PathLike) -> str:
   if not root.is_dir():
     raise ConfigError(f"data.path={data_cfg.path}: no such directory (point it at the --out of "
                       f"`vidlm data make-synthetic` or `vidlm data ingest`, or unset it to generate data)")
+  if source.is_tfds_dir(root):  # `vidlm data tfds-build` output: one directory, the split picks the files
+    return str(root)
+  nested = sorted(root.glob(f"*/*/*/{source.TFDS_INFO}"))
+  if nested and not records.shard_paths(root) and not records.shard_paths(root / split):
+    raise ConfigError(f"data.path={data_cfg.path} holds TFDS data; point data.path at the version directory, "
+                      f"e.g. {nested[0].parent}")
   for candidate in (root / split, root):
     if records.shard_paths(candidate):
       if candidate == root and split != "train":
@@ -190,18 +196,32 @@ def _check_shapes(directory: str, data_cfg, first: dict | None) -> None:
                       f"or more")
 
 
-def _decoder(src: source.CheckedSource, data_cfg):
+def _example(raw: bytes | dict, text_len: int | None) -> dict:
+  """A vidlm record (bytes) or a TFDS example (dict) -> frames uint8 [F, H, W, 3], tokens/targets int32 [L],
+  loss_mask float32 [L], index (L = text_len, or the stored text length when None)."""
+  if isinstance(raw, bytes):
+    return records.decode_record(raw, text_len)
+  tokens = records.trimmed_tokens(raw["tokens"])
+  if text_len is not None:
+    if tokens.size > text_len:
+      raise ValueError(f"data.text_len={text_len} is shorter than a stored record's text ({tokens.size} tokens)")
+    tokens = np.concatenate([tokens, np.full((text_len - tokens.size,), tokenizer.PAD, np.int32)])
+  return {"frames": np.asarray(raw["frames"], np.uint8), "index": int(raw["index"]),
+          **tokenizer.arrays_from_tokens(tokens)}
+
+
+def _decoder(src: source.CheckedSource | source.TfdsSource, data_cfg):
   """Record -> batch example, or None (skipped and counted, naming the shard) when it cannot be used."""
   want = (int(data_cfg.frames), int(data_cfg.height), int(data_cfg.width), 3)
   text_len = int(data_cfg.text_len)
 
-  def decode(item: tuple[int, bytes | source.BadRecord]) -> dict[str, np.ndarray] | None:
+  def decode(item: tuple[int, bytes | dict | source.BadRecord]) -> dict[str, np.ndarray] | None:
     index, raw = item
     if isinstance(raw, source.BadRecord):
       source.note_skip(raw.file, raw.position, raw.reason)
       return None
     try:
-      rec = records.decode_record(raw, text_len)
+      rec = _example(raw, text_len)
       if rec["frames"].shape != want:
         raise ValueError(f"frames shape {rec['frames'].shape}, config wants {want}")
     except Exception as e:  # garbled bytes that passed the chunk hash, or one odd record
@@ -244,12 +264,14 @@ def make_dataset(
   process_index, process_count = _process_info(process_index, process_count)
   directory = split_dir(data_cfg, split, workdir)
   fix = _FIX_USER_DATA if data_cfg.path is not None else f"delete {directory} to regenerate it"
-  src = source.CheckedSource(records.shard_paths(directory), what=f"data ({split})", fix=fix)
+  if source.is_tfds_dir(directory):
+    src = source.TfdsSource(directory, split, what=f"data.path ({split})", fix="rebuild it (vidlm data tfds-build)")
+  else:
+    src = source.CheckedSource(records.shard_paths(directory), what=f"data ({split})", fix=fix)
   first = None
   if len(src):
-    _, raw = src[0]
     with contextlib.suppress(Exception):  # a bad first record is skipped later like any other
-      first = records.decode_record(raw) if isinstance(raw, bytes) else None
+      first = _example(src[0][1], text_len=None)
   _check_shapes(directory, data_cfg, first)
   ds = grain.MapDataset.source(src)
   train = split == "train"

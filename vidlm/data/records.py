@@ -27,7 +27,7 @@ WRITER_OPTIONS = "group_size:1,uncompressed"
 _META_KEYS = ("question", "answer", "tier", "index", "needle_frames", "asked_frames", "cut_frames", "source")
 
 
-def _trimmed(tokens) -> np.ndarray:
+def trimmed_tokens(tokens) -> np.ndarray:
   """int32 [L'] tokens without the trailing PAD (L' <= L)."""
   tokens = np.asarray(tokens, np.int32)
   keep = np.flatnonzero(tokens != tokenizer.PAD)
@@ -39,7 +39,7 @@ def encode_record(example: dict) -> bytes:
   frames = np.ascontiguousarray(example["frames"], dtype=np.uint8)
   if frames.ndim != 4 or frames.shape[-1] != 3:
     raise ValueError(f"frames must be uint8 [F, H, W, 3], got shape {frames.shape}")
-  tokens = _trimmed(example["tokens"])
+  tokens = trimmed_tokens(example["tokens"])
   msg = {
     "format": FORMAT,
     "shape": list(frames.shape),
@@ -128,7 +128,7 @@ def write_shards(
     for example in tqdm(examples, total=total, disable=not progress, desc=desc, unit="clip"):
       shard = min(count // per_shard if per_shard else count % num_shards, num_shards - 1)
       writers[shard].write(encode_record(example))
-      max_tokens = max(max_tokens, _trimmed(example["tokens"]).size)
+      max_tokens = max(max_tokens, trimmed_tokens(example["tokens"]).size)
       per_file[shard] += 1
       count += 1
   finally:

@@ -113,3 +113,50 @@ class CheckedSource:
 
   def __repr__(self) -> str:
     return f"CheckedSource({len(self._paths)} shards, {len(self)} records)"
+
+
+TFDS_INFO = "dataset_info.json"
+
+
+def is_tfds_dir(directory: str | os.PathLike) -> bool:
+  """A prepared TFDS dataset version directory (what `vidlm data tfds-build` writes under
+  <data-dir>/vidlm_niavh/<config>/<version>)."""
+  return os.path.isfile(os.path.join(directory, TFDS_INFO))
+
+
+class TfdsSource:
+  """The same contract as `CheckedSource` over a prepared TFDS dataset (ArrayRecord files, read through
+  `tfds.data_source`, no TensorFlow): `source[i]` is (i, the example dict) or (i, `BadRecord`)."""
+
+  def __init__(self, directory: str, split: str, *, what: str, fix: str):
+    import tensorflow_datasets as tfds  # noqa: PLC0415  (slow import; only for TFDS data)
+
+    builder = tfds.builder_from_directory(directory)
+    if split not in builder.info.splits:
+      raise ConfigError(f"{what}: the TFDS dataset in {directory} has no split {split!r} "
+                        f"(it has {', '.join(builder.info.splits)})")
+    instructions = builder.info.splits[split].file_instructions
+    self._paths = [os.fspath(fi.filename) for fi in instructions]
+    counts = open_shards(self._paths, what=what, fix=fix)  # names a file that cannot be opened
+    self._starts = [0]
+    for fi, n in zip(instructions, counts):
+      self._starts.append(self._starts[-1] + min(int(fi.take), n))
+    self._source = builder.as_data_source(split)
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def locate(self, index: int) -> tuple[str, int]:
+    shard = bisect.bisect_right(self._starts, index) - 1
+    return self._paths[shard], index - self._starts[shard]
+
+  def __getitem__(self, index) -> tuple[int, dict | BadRecord]:
+    index = int(index)
+    try:
+      return index, self._source[index]
+    except Exception as e:  # a damaged chunk or an undecodable example: skip it, keep the run
+      file, position = self.locate(index)
+      return index, BadRecord(file, position, reason(e))
+
+  def __repr__(self) -> str:
+    return f"TfdsSource({len(self._paths)} shards, {len(self)} records)"
