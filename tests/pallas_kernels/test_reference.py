@@ -8,6 +8,7 @@ documented definitions, and a per-row numpy softmax loop.
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +114,8 @@ def _check(out, lse, ref_out, ref_lse):
 
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: f"{m.kind}-{m.q_offset}-{m.kv_offset}-{m.left}-{m.right}")
 def test_reference_matches_naive_every_mask(mask):
-  rng = np.random.default_rng(abs(hash(repr(mask))) % 2**32)
+  # crc32, not hash(): str hashes change per process (PYTHONHASHSEED), so a failure would not reproduce
+  rng = np.random.default_rng(zlib.crc32(repr(mask).encode()))
   q, k, v = _inputs(rng, 1, 16, 20, 2, 1, 8)
   out, lse = reference.attention(q, k, v, mask=mask, scale=0.37, return_lse=True)
   _check(out, lse, *naive_attention(q, k, v, mask, 0.37))
