@@ -16,7 +16,7 @@ model reads the two needle digits reliably after ~75 steps, so 120 steps leave a
 (tier b's code patch must stay within 10% of the frame).
 """
 
-from vidlm.config import Config, MeshConfig
+from vidlm.config import Config, MeshConfig, unknown_variant
 
 
 def get_config(arg: str | None = None) -> Config:
@@ -40,5 +40,5 @@ def get_config(arg: str | None = None) -> Config:
     cfg.checkpoint.every = 2
     e.batches, e.batch_size, e.length_multipliers, e.depths, e.seeds = 1, 8, (1, 2), (0.0, 1.0), 2
   elif arg is not None:
-    raise ValueError(f"experiments/demo.py: unknown variant {arg!r} (expected none or 'smoke')")
+    raise unknown_variant(__file__, arg, ("smoke",))
   return cfg

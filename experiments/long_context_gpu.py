@@ -27,13 +27,13 @@ Expected result (targets, not yet a measured run of this config): tier (a) exact
   command when a run is made.
 """
 
-from vidlm.config import Config, MeshConfig
+from vidlm.config import Config, MeshConfig, unknown_variant
 
 
 def get_config(arg: str | None = None) -> Config:
   variant = arg or "default"
   if variant not in ("default", "ring", "smoke", "ring_smoke"):
-    raise ValueError(f"experiments/long_context_gpu.py: unknown variant {arg!r} (none | ring | smoke | ring_smoke)")
+    raise unknown_variant(__file__, arg, ("ring", "smoke", "ring_smoke"))
   ring = variant.startswith("ring")
   cfg = Config(name=f"long_context_gpu{'_ring' if ring else ''}")
   m = cfg.model

@@ -18,7 +18,7 @@ peak 81-83 GiB per GPU. That peak does not fit 80 GB GPUs; `--config.model.remat
 (~22 GiB) for 24% more step time (both measured on a 2-layer slice; the full model with it was not run).
 """
 
-from vidlm.config import Config, MeshConfig
+from vidlm.config import Config, MeshConfig, unknown_variant
 
 
 def get_config(arg: str | None = None) -> Config:
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> Config:
   m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 2048, 24, 16, 4, 128, 5632
   m.tubelet, m.dtype, m.param_dtype, m.remat = (1, 16, 16), "bfloat16", "float32", "save_attention"
   m.rope_theta = 10_000_000.0  # long context: LWM uses 1e7 at 1M tokens
-  cfg.attention.impl, cfg.attention.ring_layout = "ring", "zigzag"
+  cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "zigzag"
   cfg.mesh = MeshConfig(data=1, fsdp=1, seq=4, tensor=1)
   d = cfg.data
   # 2048 text tokens keep every zigzag half-chunk (T / 8) a multiple of the GPU kernel's 256-row q tiles
@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> Config:
   cfg.checkpoint.every = 50
   cfg.eval.batch_size = 1
   if arg and arg.startswith("seq="):
-    cfg.mesh.seq = int(arg.split("=", 1)[1])
+    if not arg[4:].isdigit() or int(arg[4:]) < 1:
+      raise unknown_variant(__file__, arg, ("seq=N (N a positive int)", "smoke"))
+    cfg.mesh.seq = int(arg[4:])
   elif arg == "smoke":
     m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 64, 2, 4, 2, 16, 128
     m.tubelet, m.dtype = (1, 8, 8), "float32"
@@ -46,5 +48,5 @@ def get_config(arg: str | None = None) -> Config:
     t.steps, t.batch_size = 2, 2
     cfg.mesh = MeshConfig(data=2, fsdp=1, seq=4, tensor=1)
   elif arg:
-    raise ValueError(f"experiments/ring_1m.py: unknown variant {arg!r}; expected seq=N or smoke")
+    raise unknown_variant(__file__, arg, ("seq=N", "smoke"))
   return cfg

@@ -1,11 +1,14 @@
 """`vidlm train | eval | data | bench | demo` — the command line.
 
-  vidlm train --config experiments/demo.py[:arg] --workdir runs/x [--config.train.steps=10 ...]
+  vidlm train --config experiments/demo.py[:variant] --workdir runs/x [--config.train.steps=10 ...]
   vidlm eval  --config experiments/demo.py --workdir runs/x       (evaluators from config.eval.evaluators)
   vidlm data  make-synthetic ... | ingest ...
   vidlm bench attention ... | ring ...
   vidlm demo  [--workdir runs/demo]                               (the main job: train + evaluate + report)
   vidlm sweep --config experiments/ablations/attention.py --workdir runs/x   (get_sweep() variants, results.md)
+
+Any config field can be overridden with --config.SECTION.FIELD=VALUE (see `vidlm train --help`).
+Bad input (a flag, a file, a field value) stops with one `error: ...` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,22 +18,56 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 
 from vidlm import config as config_lib
 
 
 def _load(args_config: str, overrides: list[str]) -> config_lib.Config:
+  from vidlm.config_checks import check_values  # noqa: PLC0415
+
   cfg = config_lib.load_config(args_config)
   for key, value in config_lib.parse_overrides(overrides):
     config_lib.apply_override(cfg, key, value)
+  check_values(cfg)  # field ranges now, before distributed start-up; the Trainer re-validates with the mesh
   return cfg
 
 
-def _run_parser(cmd: str) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=f"vidlm {cmd}")
-  p.add_argument("--config", required=True, help="experiment file, optionally FILE.py:arg")
-  p.add_argument("--workdir", required=True)
+class UsageParser(argparse.ArgumentParser):
+  """argparse whose errors are one `error: ...` line and exit code 2 (via ConfigError), not a usage block."""
+
+  def error(self, message: str):
+    raise config_lib.ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+CONFIG_HELP = """--config FILE.py[:variant]
+  FILE.py defines get_config(arg=None) -> vidlm.config.Config; the text after ':' is passed as arg and selects
+  a variant the file defines (e.g. experiments/demo.py:smoke; an unknown variant is an error that lists them).
+
+overrides: --config.SECTION.FIELD=VALUE  (or --config.SECTION.FIELD VALUE), applied in order after get_config
+  sections: model, attention, mesh, data, train, eval, checkpoint, distributed (fields: vidlm/config.py)
+  values are parsed by the field's type: ints/floats as written, bools true/false, tuples comma-separated,
+  none for an optional field; nested sections use more dots. Examples:
+    --config.train.steps=10  --config.train.lr=1e-4  --config.data.tiers=a,b  --config.model.tubelet=1,8,8
+    --config.attention.sparsity.method=none  --config.checkpoint.restore_from=none
+  An unknown field or a value out of range stops with one line naming the field (exit code 2).
+"""
+
+
+def _run_parser(cmd: str, what: str) -> argparse.ArgumentParser:
+  p = UsageParser(prog=f"vidlm {cmd}", description=what, epilog=CONFIG_HELP,
+                  formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="experiment file, optionally FILE.py:variant (see below)")
+  p.add_argument("--workdir", required=True, help="run directory (checkpoints, metrics, eval/)")
   return p
+
+
+def _parse(cmd: str, what: str, argv: list[str]) -> tuple[argparse.Namespace, config_lib.Config]:
+  args, rest = _run_parser(cmd, what).parse_known_args(argv)
+  workdir = Path(args.workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise config_lib.ConfigError(f"--workdir {args.workdir}: exists and is not a directory")
+  return args, _load(args.config, rest)
 
 
 def _setup(cfg: config_lib.Config) -> None:
@@ -43,8 +80,7 @@ def _setup(cfg: config_lib.Config) -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
-  args, rest = _run_parser("train").parse_known_args(argv)
-  cfg = _load(args.config, rest)
+  args, cfg = _parse("train", "Train an experiment config into --workdir (resumes from its newest checkpoint).", argv)
   _setup(cfg)
   import jax  # noqa: PLC0415
 
@@ -55,22 +91,54 @@ def cmd_train(argv: list[str]) -> int:
   return int(summary.get("exit_code") or 0)  # 130 after SIGINT, 0 after SIGTERM (vidlm/train/stopping.py)
 
 
+def results_report(results: dict, results_json: Path) -> str:
+  """The table `vidlm eval` prints: the demo's table for loss / niavh / ppl_vs_length, headline scalars for any
+  other evaluator, the plots, and where the full JSON went."""
+  from vidlm.eval import demo  # noqa: PLC0415
+  from vidlm.eval.registry import EVALUATORS, headline_scalars  # noqa: PLC0415
+
+  known = ("loss", "niavh", "ppl_vs_length")
+  lines = [f"evaluated {results.get('config')} at step {results.get('step')} "
+           f"(checkpoint {results.get('checkpoint')})", ""]
+  if any(results.get(k) for k in known):
+    lines.append(demo.format_table(results).rstrip())
+  for name, result in results.items():
+    if name in EVALUATORS and name not in known and isinstance(result, dict):
+      scalars = headline_scalars(name, result)
+      lines.append(f"{name}: " + ("  ".join(f"{k.split('/', 1)[1]} {v:.4g}" for k, v in scalars.items())
+                                  or "(no headline scalars; see the JSON)"))
+  plots = demo.plot_paths(results)
+  if plots:
+    lines += ["", "plots:", *(f"  {p}" for p in plots)]
+  seconds = results.get("seconds") or {}
+  if seconds:
+    lines.append("seconds: " + "  ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+  lines.append(f"all results: {results_json}")
+  return "\n".join(lines)
+
+
 def cmd_eval(argv: list[str]) -> int:
-  args, rest = _run_parser("eval").parse_known_args(argv)
-  cfg = _load(args.config, rest)
+  args, cfg = _parse("eval", "Evaluate the newest checkpoint of --workdir with config.eval.evaluators; prints a "
+                     "table and writes every number to <workdir>/eval/results.json.", argv)
   _setup(cfg)
+  import jax  # noqa: PLC0415
+
   from vidlm.eval import run_evaluators  # noqa: PLC0415
 
   results = run_evaluators(cfg, args.workdir)
-  print(json.dumps(results, indent=2, default=str), flush=True)
+  if jax.process_index() == 0:
+    print(results_report(results, Path(args.workdir) / "eval" / "results.json"), flush=True)
   return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="vidlm demo")
+  p = UsageParser(prog="vidlm demo", description="Train the demo config, evaluate it and print the results table.",
+                  epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--config", default=None, help="defaults to experiments/demo.py")
   args, rest = p.parse_known_args(argv)
+  if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+    raise config_lib.ConfigError(f"--workdir {args.workdir}: exists and is not a directory")
   from vidlm.eval import demo  # noqa: PLC0415
 
   return demo.main(args.workdir, args.config, rest)
@@ -97,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
       return _delegate("vidlm.data.commands", rest)
     if cmd == "bench":
       if not rest or rest[0] not in ("attention", "ring", "train_step"):
-        print("usage: vidlm bench attention|ring|train_step [options]", file=sys.stderr)
-        return 2
+        raise config_lib.ConfigError(
+          f"vidlm bench: expected attention | ring | train_step, got {rest[0] if rest else 'nothing'} "
+          "(vidlm bench NAME --help lists its options)"
+        )
       return _delegate(f"vidlm.bench.{rest[0]}", rest[1:])
   except config_lib.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -173,20 +175,55 @@ def sequence_length(cfg: Config) -> int:
 
 
 def load_config(spec: str) -> Config:
-  """Load `path/to/file.py[:arg]` and call its `get_config(arg)`."""
+  """Load `path/to/file.py[:arg]` and call its `get_config(arg)`.
+
+  A syntax error or an exception in the experiment file is the user's input, so it becomes one ConfigError line
+  naming the file and line; an exception raised inside vidlm's own code keeps its traceback (that is a bug).
+  """
   path, _, arg = spec.partition(":")
   file = Path(path)
   if not file.is_file():
-    raise ConfigError(f"--config: file not found: {path}")
+    raise ConfigError(f"--config: file not found: {path}" + (" (a directory)" if file.is_dir() else ""))
   module_spec = importlib.util.spec_from_file_location(f"vidlm_experiment_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"--config: {path} defines no get_config(arg=None)")
-  cfg = module.get_config(arg or None)
+  try:
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"--config: {path} defines no get_config(arg=None)")
+    cfg = module.get_config(arg or None)
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    if e.filename is None or Path(e.filename).resolve() != file.resolve():
+      raise
+    raise ConfigError(f"--config {path}, line {e.lineno}: SyntaxError: {e.msg}") from None
+  except Exception as e:
+    raise _experiment_error(e, file, path) from None
   if not isinstance(cfg, Config):
     raise ConfigError(f"--config: {path}:get_config returned {type(cfg).__name__}, expected vidlm.config.Config")
   return cfg
+
+
+_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / p) + "/" for p in ("vidlm", "layers", "pallas_kernels"))
+
+
+def _experiment_error(e: Exception, file: Path, path: str) -> Exception:
+  """A one-line ConfigError for an exception the experiment file raised, or `e` itself when vidlm's code raised
+  it (a bug keeps its traceback)."""
+  frames = traceback.extract_tb(e.__traceback__)
+  if frames and frames[-1].filename.startswith(_OWN_PACKAGES):
+    return e
+  lines = [f.lineno for f in frames if Path(f.filename).resolve() == file.resolve()]
+  where = f", line {lines[-1]}" if lines else ""
+  return ConfigError(f"--config {path}{where}: {type(e).__name__}: {e}".replace("\n", " "))
+
+
+def unknown_variant(file: str, arg: str, known: tuple[str, ...]) -> ConfigError:
+  """The error an experiment's get_config raises for an `:arg` it does not define: `raise unknown_variant(
+  __file__, arg, ("smoke", ...))`, so every experiment names its variants the same way."""
+  shown = os.path.relpath(file) if not os.path.relpath(file).startswith("..") else file
+  return ConfigError(f"--config {shown}:{arg}: unknown variant {arg!r}; known variants: {', '.join(known)} "
+                     f"(or none: {shown})")
 
 
 def _coerce(value: str, annotation: Any, field: str):
@@ -293,6 +330,9 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
   from layers.scan import REMAT_POLICIES  # noqa: PLC0415
 
   _check_types(cfg, "")
+  from vidlm.config_checks import check_values  # noqa: PLC0415  (imports this module)
+
+  check_values(cfg)  # every non-attention field in range, before the checks below divide by them
   m, d, a = cfg.model, cfg.data, cfg.attention
   if a.impl not in IMPLS:
     raise ConfigError(f"config.attention.impl: unknown attention impl {a.impl!r}; expected one of {IMPLS}")
@@ -349,6 +389,8 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
       raise ConfigError(
         f"config.train.batch_size={cfg.train.batch_size} is not divisible by mesh data*fsdp={shards}"
       )
+    if cfg.eval.batch_size % shards:
+      raise ConfigError(f"config.eval.batch_size={cfg.eval.batch_size} is not divisible by mesh data*fsdp={shards}")
   if cfg.train.grad_accum < 1 or cfg.train.batch_size % cfg.train.grad_accum:
     raise ConfigError(
       f"config.train.grad_accum={cfg.train.grad_accum} must be >= 1 and divide train.batch_size={cfg.train.batch_size}"

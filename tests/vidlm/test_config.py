@@ -73,3 +73,21 @@ def test_bad_config_names_the_field(mutate, field):
 def test_missing_config_file():
   with pytest.raises(C.ConfigError, match="--config: file not found"):
     C.load_config("experiments/nope.py")
+
+
+@pytest.mark.parametrize(
+  "spec",
+  ["experiments/demo.py", "experiments/demo.py:smoke", "experiments/long_context_gpu.py",
+   "experiments/long_context_gpu.py:ring", "experiments/long_context_gpu.py:smoke",
+   "experiments/long_context_gpu.py:ring_smoke", "experiments/ring_1m.py", "experiments/ring_1m.py:seq=8",
+   "experiments/ring_1m.py:smoke", "experiments/eval_only.py"],
+)
+def test_every_experiment_variant_passes_the_value_checks(spec):
+  from vidlm.config_checks import check_values
+
+  check_values(C.load_config(spec))  # raises ConfigError naming the field if a shipped config is out of range
+
+
+def test_unknown_variant_lists_the_known_ones():
+  with pytest.raises(C.ConfigError, match=r"demo.py:big: unknown variant 'big'; known variants: smoke"):
+    C.load_config(f"{DEMO}:big")

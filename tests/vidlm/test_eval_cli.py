@@ -35,9 +35,21 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def eval_results(run_dir) -> dict:
-  proc = _run("eval", *SMOKE, "--workdir", str(run_dir))
-  return json.loads(proc.stdout[proc.stdout.index("{"):])
+def eval_stdout(run_dir) -> str:
+  return _run("eval", *SMOKE, "--workdir", str(run_dir)).stdout
+
+
+@pytest.fixture(scope="module")
+def eval_results(run_dir, eval_stdout) -> dict:
+  return json.loads((run_dir / "eval" / "results.json").read_text())
+
+
+def test_eval_cli_prints_the_table_not_the_json(run_dir, eval_stdout):
+  out = eval_stdout
+  assert "NIAVH exact match" in out and "Answer loss vs context length" in out and "Held-out eval split" in out
+  assert f"all results: {run_dir / 'eval' / 'results.json'}" in out
+  assert str(run_dir / "eval" / "niavh_a.png") in out
+  assert '"niavh"' not in out and len(out.splitlines()) < 40, out  # the JSON went to the file only
 
 
 def test_eval_cli_restores_and_writes_everything(run_dir, eval_results):
