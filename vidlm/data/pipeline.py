@@ -32,6 +32,7 @@ import numpy as np
 from vidlm.config import ConfigError
 from vidlm.data import procedural, records, source, tokenizer
 
+log = logging.getLogger(__name__)
 GENERATOR_VERSION = 3  # bump when procedural.py output changes, so cached shards are regenerated
 BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
 
@@ -54,7 +55,7 @@ def generation_metadata(data_cfg, split: str) -> dict:
   }
 
 
-def _matches(directory: Path, want: dict) -> bool:
+def _matches(directory: Path, want: dict, *, warn: bool = True) -> bool:
   """The cached split was generated for `want` and its shards still match their recorded size/crc32.
 
   A damaged cache (truncated or garbled shard, missing file) is reported by name and regenerated, never reused.
@@ -65,8 +66,8 @@ def _matches(directory: Path, want: dict) -> bool:
   if not (all(meta.get(k) == v for k, v in want.items()) and meta.get("num_records") == want["num"]):
     return False
   problems = records.verify_shards(directory, meta)
-  for file, reason in problems:
-    logging.warning("generated data cache %s is damaged (%s: %s); regenerating it", directory, file, reason)
+  for file, reason in problems if warn else ():
+    log.warning("generated data cache %s is damaged (%s: %s); regenerating it", directory, file, reason)
   return not problems
 
 
@@ -103,7 +104,7 @@ def ensure_generated(data_cfg, split: str, out_dir: str | os.PathLike, *, progre
   except ValueError as e:
     raise ConfigError(str(e)) from None
   with _file_lock(out.parent / f".{out.name}.lock"):
-    if _matches(out, want):
+    if _matches(out, want, warn=False):  # another process on this host regenerated it meanwhile
       return str(out)
     n = want["num"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -111,7 +112,7 @@ def ensure_generated(data_cfg, split: str, out_dir: str | os.PathLike, *, progre
       examples = (procedural.example_from_config(data_cfg, split, i) for i in range(n))
       records.write_shards(examples, tmp, num_shards=max(1, min(8, n // 512)), progress=progress, total=n,
                            metadata=want, desc=f"generating niavh/{split}")
-      if _matches(out, want):  # another host finished first (flock does not span hosts on every filesystem)
+      if _matches(out, want, warn=False):  # another host finished first (flock does not span hosts on every filesystem)
         return str(out)
       if out.exists():
         stale = out.with_name(f".{out.name}.stale-{os.getpid()}")
@@ -147,7 +148,7 @@ def split_dir(data_cfg, split: str, workdir: str | os.PathLike) -> str:
   for candidate in (root / split, root):
     if records.shard_paths(candidate):
       if candidate == root and split != "train":
-        logging.warning("data.path=%s has no %r subdirectory; using the same records for %s", root, split, split)
+        log.warning("data.path=%s has no %r subdirectory; using the same records for %s", root, split, split)
       _verify_user_data(candidate)
       return str(candidate)
   raise ConfigError(f"data.path={data_cfg.path}: no *{records.SHARD_SUFFIX} shards in {root / split} or {root} "
@@ -161,7 +162,7 @@ def _verify_user_data(directory: Path) -> None:
     raise ConfigError(f"data.path: {meta_path} is missing or unreadable; the shards cannot be checked against the "
                       f"config ({_FIX_USER_DATA})")
   if not isinstance(meta.get("files"), dict):
-    logging.warning("data.path: %s records no shard checksums (written by an older vidlm); shards not verified",
+    log.warning("data.path: %s records no shard checksums (written by an older vidlm); shards not verified",
                     meta_path)
     return
   problems = records.verify_shards(directory, meta)
