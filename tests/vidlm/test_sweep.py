@@ -1,0 +1,142 @@
+"""`vidlm sweep`: a smoke sweep end to end (two tiny variants and one that fails at run time, then a rerun that
+skips the finished ones), the up-front one-line errors, and the evaluators' headline declarations."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from vidlm import cli, sweep
+from vidlm.config import ConfigError
+from vidlm.eval.registry import HEADLINES, headline_scalars
+
+pytestmark = pytest.mark.xdist_group("sweep")
+ROOT = Path(__file__).resolve().parents[2]
+
+EXPERIMENT = '''
+from vidlm.config import Config
+
+
+def get_config(arg=None):
+  cfg = Config(name="sweep_smoke")
+  m = cfg.model
+  m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 1, 2, 1, 16, 64
+  d = cfg.data
+  d.frames, d.height, d.width, d.text_len, d.num_train, d.num_eval = 2, 32, 32, 32, 16, 8
+  t = cfg.train
+  t.steps, t.batch_size, t.warmup_steps, t.log_every, t.progress_bar = 3, 8, 1, 1, False
+  cfg.checkpoint.every = 0
+  cfg.eval.evaluators, cfg.eval.batches, cfg.eval.batch_size = ("loss",), 1, 8
+  return cfg
+
+
+def get_sweep(arg=None):
+  variants = {
+    "lr_low": {"train.lr": 1e-4},
+    "wide": {"model.mlp_dim": 96, "train.lr": 3e-3},
+    "bad_mesh": {"mesh.data": 3},  # valid config, but 3 devices do not exist: fails when it runs
+  }
+  if arg == "unknown_field":
+    variants["typo"] = {"train.lrr": 1.0}
+  return variants
+'''
+
+
+def _experiment(tmp_path: Path, body: str = EXPERIMENT) -> str:
+  path = tmp_path / "exp.py"
+  path.write_text(body)
+  return str(path)
+
+
+def test_smoke_sweep_runs_records_failure_and_resumes(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")  # the variants' subprocesses
+  spec, workdir = _experiment(tmp_path), tmp_path / "sweep"
+  assert sweep.main(["--config", spec, "--workdir", str(workdir)]) == 1  # one variant failed
+
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["lr_low", "wide", "bad_mesh"]
+  ok, failed = rows[:2], rows[2]
+  for row in ok:
+    assert row["status"] == "ok" and row["error"] == ""
+    assert 0.0 <= row["headline"]["loss/exact_match"] <= 1.0 and row["headline"]["loss/loss"] > 0
+    assert row["steps_per_s"] > 0 and row["tokens_per_s"] > row["steps_per_s"]
+    assert 0.05 < row["peak_host_rss_GiB"] < 64
+    assert (workdir / row["variant"] / "DONE").is_file()
+    assert json.loads((workdir / row["variant"] / "config.json").read_text())["train"]["steps"] == 3
+  # the overrides reached the runs: different learning rates give different losses
+  assert ok[0]["headline"]["loss/loss"] != ok[1]["headline"]["loss/loss"]
+  assert json.loads((workdir / "wide" / "config.json").read_text())["model"]["mlp_dim"] == 96
+  assert failed["status"] == "failed" and "config.mesh" in failed["error"] and "3 devices" in failed["error"]
+  assert not (workdir / "bad_mesh" / "DONE").exists()
+  error_txt = (workdir / "bad_mesh" / "error.txt").read_text()
+  assert error_txt.splitlines()[0] == failed["error"] and "exit code 2" in error_txt
+
+  table = (workdir / "results.md").read_text()
+  assert "| variant | status | loss/exact_match |" in table and "peak_host_rss_GiB" in table
+  assert "| bad_mesh | failed |" in table and failed["error"] in table
+  with open(workdir / "results.csv") as f:
+    csv_rows = list(csv.DictReader(f))
+  assert [r["variant"] for r in csv_rows] == ["lr_low", "wide", "bad_mesh"]
+  assert float(csv_rows[1]["loss/loss"]) == pytest.approx(ok[1]["headline"]["loss/loss"])
+  assert (workdir / "results.png").stat().st_size > 5000
+
+  # rerun: the finished variants are skipped (their rows come back unchanged), the failed one runs again
+  done_before = {n: (workdir / n / "DONE").stat().st_mtime_ns for n in ("lr_low", "wide")}
+  capsys.readouterr()
+  assert sweep.main(["--config", spec, "--workdir", str(workdir)]) == 1
+  out = capsys.readouterr().out
+  assert "lr_low: finished earlier, skipped" in out and "wide: finished earlier, skipped" in out
+  assert "bad_mesh: FAILED" in out
+  assert {n: (workdir / n / "DONE").stat().st_mtime_ns for n in done_before} == done_before
+  rerun = json.loads((workdir / "results.json").read_text())["rows"]
+  assert [r["headline"] for r in rerun[:2]] == [r["headline"] for r in ok]
+  assert "| lr_low | ok (earlier run) |" in (workdir / "results.md").read_text()
+
+  # the same name with other overrides would reuse the old run's checkpoints: refused, nothing runs
+  changed = EXPERIMENT.replace('"train.lr": 1e-4', '"train.lr": 2e-4')
+  with pytest.raises(ConfigError, match=r"sweep variant 'lr_low': .* remove .* or rename the variant"):
+    sweep.sweep(_experiment(tmp_path, changed), workdir)
+
+
+def test_upfront_errors_are_one_line_and_run_nothing(tmp_path, capsys):
+  workdir = tmp_path / "sweep"
+  spec = _experiment(tmp_path)
+  assert cli.main(["sweep", "--config", f"{spec}:unknown_field", "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err == "error: sweep variant 'typo': config.train.lrr: unknown field"
+  assert not workdir.exists()
+
+  no_sweep = _experiment(tmp_path, "from vidlm.config import Config\n\ndef get_config(arg=None):\n  return Config()\n")
+  assert cli.main(["sweep", "--config", no_sweep, "--workdir", str(workdir)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: --config: ") and "defines no get_sweep(arg=None)" in err and "\n" not in err
+
+  bad_value = EXPERIMENT.replace('{"mesh.data": 3}', '{"train.steps": "many"}')
+  assert cli.main(["sweep", "--config", _experiment(tmp_path, bad_value), "--workdir", str(workdir)]) == 2
+  assert capsys.readouterr().err.strip() == "error: sweep variant 'bad_mesh': config.train.steps: expected int, got 'many'"
+
+  assert cli.main(["sweep", "--config", spec, "--workdir", str(workdir), "--variants", "wide,nope"]) == 2
+  assert "--variants: unknown nope" in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_override_values_are_spelled_as_on_the_command_line():
+  assert sweep.variant_args([], {"a.b": True, "c.d": None, "e.f": ("a", "b"), "g.h": 1e-4})[1:] == [
+    "--config.a.b=true", "--config.c.d=none", "--config.e.f=a,b", "--config.g.h=0.0001"
+  ]
+
+
+def test_builtin_evaluators_declare_headlines():
+  import vidlm.eval  # noqa: F401  (registers the built-in evaluators)
+
+  assert {"loss", "niavh", "ppl_vs_length"} <= {name for name, h in HEADLINES.items() if h}
+  niavh = {"tiers": {"a": {"mean": 0.5, "by_multiplier": {"1": 1.0, "2": 0.0}}, "b": {"mean": 0.0,
+                                                                                      "by_multiplier": {"1": 0.0}}}}
+  assert headline_scalars("niavh", niavh) == {
+    "niavh/a_1x": 1.0, "niavh/a_2x": 0.0, "niavh/b_1x": 0.0, "niavh/a_mean": 0.5, "niavh/b_mean": 0.0
+  }
+  ppl = {"lengths": [{"multiplier": 1, "loss": 0.1}, {"multiplier": 2, "loss": 2.5}]}
+  assert headline_scalars("ppl_vs_length", ppl) == {"ppl_vs_length/loss_1x": 0.1, "ppl_vs_length/loss_2x": 2.5}
+  assert headline_scalars("loss", {"loss": 0.2, "exact_match": 1.0}) == {"loss/loss": 0.2, "loss/exact_match": 1.0}
