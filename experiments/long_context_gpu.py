@@ -49,20 +49,22 @@ def get_config(arg: str | None = None) -> Config:
   t.lr, t.warmup_steps, t.grad_clip, t.log_every = 1e-3, 200, 1.0, 50
   cfg.checkpoint.every, cfg.checkpoint.keep = 500, 3
   a = cfg.attention
-  a.block_q = a.block_kv = 128
   e = cfg.eval
   e.evaluators = ("loss", "niavh", "ppl_vs_length")
   e.depths = tuple(i / 10 for i in range(11))
   e.seeds, e.tiers = 4, ("a", "b", "c")
   if not ring:
     cfg.mesh = MeshConfig(data=-1, fsdp=1, seq=1, tensor=1)
-    a.impl = "flash"
+    a.kernel = "flash"
     d.frames, d.num_train = 256, 8192  # 4,096 video + 128 text = 4,224 tokens
     t.steps, t.batch_size = 6000, 16
     e.length_multipliers, e.batch_size = (1, 2, 4, 8), 8  # up to 2,048 frames = 32,896 tokens
   else:
     cfg.mesh = MeshConfig(data=1, fsdp=1, seq=-1, tensor=1)  # every GPU on the ring
-    a.impl, a.ring_layout = "ring", "zigzag"  # zigzag balances the causal work across the ring
+    a.context_parallel, a.ring_layout = "ring", "zigzag"  # zigzag balances the causal work across the ring
+    # hop blocks are N/16 tokens (16,512/16 = 1,032 here): the 128 text tokens keep them off the flash kernel's
+    # 128-token tiles at every length, so the hops run dense XLA attention in bf16 (not the fp32 reference)
+    a.kernel = "xla"
     d.frames, d.num_train = 1024, 4096  # 16,384 video + 128 text = 16,512 tokens (divisible by 2 x 8 chunks)
     t.steps, t.batch_size = 4000, 8
     e.length_multipliers, e.batch_size = (1, 2, 4), 2  # up to 4,096 frames = 65,664 tokens

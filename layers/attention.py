@@ -1,24 +1,138 @@
 """The one attention entry point (`attention()`) and the NNX `Attention` layer that calls it.
 
-Every model calls `attention()`; which backend runs is a config string, so a new kernel plugs in here
-without touching any caller. Shapes (DESIGN section 3):
-  q: [B, T, Hq, D]   k, v: [B, S, Hkv, D]   out: [B, T, Hq, D]   lse: [B, Hq, T] float32
+Three independent choices (DESIGN section 3), three arguments:
+  kernel            "auto" | "xla" | "cudnn" | "flash" | "reference": the math on one block of q x kv
+  context_parallel  None | `Ring(layout=...)`: split the sequence over the `seq` mesh axis (ring attention,
+                    which receives the per-hop kernel from here as a `ring.HopKernel`)
+  layout            None | a `BlockLayout` from a sparsity selector (`Attention(selector=...)`)
+Shapes: q: [B, T, Hq, D]   k, v: [B, S, Hkv, D]   out: [B, T, Hq, D]   lse: [B, Hq, T] float32
+
+No silent fallback: a kernel that cannot run a call raises a one-line error naming why, unless
+`allow_reference_fallback=True`. `unsupported()` is the same check on shapes alone, for config validation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import ring
 from layers import rope as rope_lib
 from pallas_kernels import reference
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
-Impl = Literal["reference", "xla", "cudnn", "flash", "ring", "block_sparse", "auto"]
-IMPLS: tuple[str, ...] = ("reference", "xla", "cudnn", "flash", "ring", "block_sparse", "auto")
+Kernel = Literal["auto", "xla", "cudnn", "flash", "reference"]
+KERNELS: tuple[str, ...] = ("auto", "xla", "cudnn", "flash", "reference")
+CONTEXT_PARALLEL: tuple[str, ...] = ("none", "ring")
+# select(q [B, T, Hq, D], k [B, S, Hkv, D], mask, layer_index) -> BlockLayout | None (None = dense)
+Selector = Callable[[jax.Array, jax.Array, MaskSpec, "int | jax.Array"], "BlockLayout | None"]
+_OPS_BACKEND = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+  """context_parallel=Ring(...): ring attention over mesh axis `axis_name`, tokens stored in `layout` order
+  (contiguous | zigzag | frame_striped, see `layers.ring.token_permutation`)."""
+
+  layout: str = "contiguous"
+  axis_name: str = "seq"
+  tokens_per_frame: int | None = None  # frame size of the frame_striped layout (default: the mask's)
+
+
+def dense_selector(q, k, mask, layer_index) -> None:
+  """The default selector: every layer dense (no BlockLayout)."""
+  del q, k, mask, layer_index
+  return None
+
+
+def _platform(platform: str | None) -> str:
+  return jax.default_backend() if platform is None else platform
+
+
+def resolve_kernel(
+  kernel: str, *, platform: str | None = None, dtype=jnp.bfloat16, mask: MaskSpec = MaskSpec(),
+  has_segments: bool = False, has_layout: bool = False, return_lse: bool = False, ring_hop: bool = False,
+) -> str:
+  """The concrete kernel "auto" stands for (other names are returned as they are).
+
+  GPU: cuDNN where it can express the call (plain causal / bidirectional, no segment ids, no lse, bf16/fp16),
+  because on H200 its forward+backward measured 1.10-1.15x ours (BENCHMARKS.md, "Attention kernels"); our flash
+  kernel everywhere else (frame-causal, windows, offsets, packing, lse, layouts, ring hops). TPU: flash. CPU:
+  dense XLA (the Pallas kernels only run interpreted there), except with a layout (the block-sparse kernel).
+  "auto" never means the reference: when the flash kernel cannot run a call, that is an error, not a choice.
+  """
+  if kernel not in KERNELS:
+    raise ValueError(_unknown_kernel(kernel))
+  if kernel != "auto":
+    return kernel
+  platform = _OPS_BACKEND.get(_platform(platform), "cpu")
+  if ring_hop:
+    return "flash" if platform in ("gpu", "tpu") else "xla"
+  if has_layout:
+    return "flash"
+  if platform == "gpu":
+    cudnn_ok = (
+      mask.kind in ("causal", "bidirectional")
+      and not mask.q_offset
+      and not mask.kv_offset
+      and not has_segments
+      and not return_lse
+      and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    )
+    return "cudnn" if cudnn_ok else "flash"
+  return "flash" if platform == "tpu" else "xla"
+
+
+def _unknown_kernel(kernel) -> str:
+  if kernel == "ring":
+    return "attention: kernel='ring' is context parallelism now: kernel='auto', context_parallel=Ring(layout)"
+  if kernel == "block_sparse":
+    return "attention: kernel='block_sparse' is kernel='flash' with layout=BlockLayout(...) (a sparsity selector)"
+  return f"attention: unknown kernel {kernel!r}; expected one of {' | '.join(KERNELS)}"
+
+
+def unsupported(
+  kernel: str, q, k, v, *, mask: MaskSpec, has_segments: bool = False, layout: BlockLayout | None = None,
+  return_lse: bool = False, platform: str | None = None, allow_reference_fallback: bool = False,
+) -> str | None:
+  """Why the concrete `kernel` cannot run this call on `platform`, or None. Pure: q/k/v may be
+  `jax.ShapeDtypeStruct`s, nothing runs on a device (config validation calls it for every attention call)."""
+  platform = _platform(platform)
+  if kernel in ("xla", "reference"):
+    return None
+  if kernel == "cudnn":
+    if _OPS_BACKEND.get(platform) != "gpu":
+      return f"kernel=cudnn needs a GPU (platform is {platform})"
+    if layout is not None or has_segments or return_lse:
+      what = "a BlockLayout" if layout is not None else "segment ids" if has_segments else "return_lse"
+      return f"kernel=cudnn cannot take {what}; use kernel=flash"
+    if mask.kind not in ("causal", "bidirectional") or mask.q_offset or mask.kv_offset:
+      return (
+        f"kernel=cudnn runs plain causal or bidirectional masks only, not {mask.kind!r} with offsets "
+        f"({mask.q_offset}, {mask.kv_offset}); use kernel=flash or xla"
+      )
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      return f"kernel=cudnn takes bfloat16/float16, not {jnp.dtype(q.dtype).name} (model.dtype)"
+    return None
+  if kernel == "flash":
+    if allow_reference_fallback:
+      return None
+    from pallas_kernels import ops  # noqa: PLC0415  (kernels are heavy; import on first use)
+
+    seg = None
+    if has_segments:
+      seg = (jax.ShapeDtypeStruct(q.shape[:2], jnp.int32), jax.ShapeDtypeStruct(k.shape[:2], jnp.int32))
+    reason = ops.unsupported_reason(
+      q, k, v, mask=mask, segment_ids=seg, layout=layout, backend=_OPS_BACKEND.get(platform, "interpret")
+    )
+    return None if reason is None else f"kernel=flash on {platform}: {reason}"
+  raise ValueError(_unknown_kernel(kernel))
 
 
 def _xla_attention(q, k, v, *, mask, segment_ids, layout, scale, return_lse):
@@ -57,39 +171,82 @@ def _xla_attention(q, k, v, *, mask, segment_ids, layout, scale, return_lse):
 
 
 def _cudnn_attention(q, k, v, *, mask, segment_ids, layout, scale, return_lse):
-  if segment_ids is not None or layout is not None or return_lse:
-    raise ValueError("attention(impl='cudnn'): segment_ids, layout and return_lse are not supported by cuDNN")
-  if mask.kind not in ("causal", "bidirectional") or mask.q_offset or mask.kv_offset:
-    raise ValueError(f"attention(impl='cudnn'): mask kind {mask.kind!r} with offsets is not supported by cuDNN")
+  reason = unsupported(
+    "cudnn", q, k, v, mask=mask, has_segments=segment_ids is not None, layout=layout, return_lse=return_lse
+  )
+  if reason is not None:
+    raise ValueError(f"attention: {reason}")
   return jax.nn.dot_product_attention(
     q, k, v, scale=scale, is_causal=mask.kind == "causal", implementation="cudnn"
   )
 
 
-def _auto_impl(q, mask, segment_ids, layout, return_lse) -> str:
-  """Fastest correct impl for the platform.
+def _run_kernel(kernel: str, q, k, v, *, mask, segment_ids, layout, scale, return_lse, allow_reference_fallback):
+  """One concrete kernel on the whole (local) sequence."""
+  kw = dict(mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse)
+  if kernel == "reference":
+    return reference.attention(q, k, v, **kw)
+  if kernel == "xla":
+    return _xla_attention(q, k, v, **kw)
+  if kernel == "cudnn":
+    return _cudnn_attention(q, k, v, **kw)
+  from pallas_kernels import ops  # noqa: PLC0415
 
-  GPU: cuDNN where it can express the call (plain causal / bidirectional, no segment ids, no lse), because on
-  H200 its forward+backward measured 1.10-1.15x ours (BENCHMARKS.md, "Attention kernels"); our flash kernel
-  everywhere else (frame-causal, windows, offsets, packing, lse for ring merges). TPU: our flash kernel.
-  CPU: dense XLA (the Pallas kernels only run interpreted there).
-  """
-  platform = jax.devices()[0].platform
-  if layout is not None:
-    return "block_sparse"
-  if platform == "gpu":
-    cudnn_ok = (
-      mask.kind in ("causal", "bidirectional")
-      and not mask.q_offset
-      and not mask.kv_offset
-      and segment_ids is None
-      and not return_lse
-      and q.dtype in (jnp.bfloat16, jnp.float16)
+  return ops.flash_attention(q, k, v, allow_reference_fallback=allow_reference_fallback, **kw)
+
+
+def _flash_hop_backward(allow_reference_fallback, q, k, v, spec, seg, out, lse, do, delta, dlse, scale):
+  """The flash backward kernels fed with the global (out, lse[, dlse]): no per-hop forward recompute."""
+  del delta  # the kernels recompute it from out, do and dlse
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  dq, dk, dv = ops.attention_backward(
+    q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), mask=spec, segment_ids=seg, dlse=dlse, scale=scale,
+    allow_reference_fallback=allow_reference_fallback,
+  )
+  return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+
+
+def _hop_forward(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale):
+  return _run_kernel(
+    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=None, scale=scale, return_lse=True,
+    allow_reference_fallback=allow_reference_fallback,
+  )
+
+
+def _whole(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale, return_lse):
+  return _run_kernel(
+    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=None, scale=scale, return_lse=return_lse,
+    allow_reference_fallback=allow_reference_fallback,
+  )
+
+
+@functools.cache
+def hop_kernel(kernel: str, *, allow_reference_fallback: bool = False, platform: str | None = None) -> ring.HopKernel:
+  """The per-hop kernel ring attention runs for `kernel` ("auto": flash on GPU/TPU, XLA on CPU)."""
+  name = resolve_kernel(kernel, platform=platform, ring_hop=True)
+  whole = functools.partial(_whole, name, allow_reference_fallback)
+  if name == "cudnn":
+    return ring.HopKernel(
+      "cudnn", ring.cudnn_hop_forward, whole, backward=ring.cudnn_hop_backward, check=ring.cudnn_hop_check
     )
-    return "cudnn" if cudnn_ok else "flash"
-  if platform == "tpu":
-    return "flash"
-  return "xla"
+  forward = functools.partial(_hop_forward, name, allow_reference_fallback)
+  backward = {
+    "xla": ring.dense_hop_backward,
+    "flash": functools.partial(_flash_hop_backward, allow_reference_fallback),
+    "reference": None,  # the vjp of the reference forward
+  }[name]
+  return ring.HopKernel(name, forward, whole, backward=backward)
+
+
+def _as_ring(context_parallel) -> Ring | None:
+  if context_parallel is None or context_parallel == "none":
+    return None
+  if context_parallel == "ring":
+    return Ring()
+  if isinstance(context_parallel, Ring):
+    return context_parallel
+  raise ValueError(f"attention: context_parallel must be None, 'ring' or Ring(...), got {context_parallel!r}")
 
 
 def attention(
@@ -99,48 +256,52 @@ def attention(
   *,
   mask: MaskSpec = MaskSpec(),
   segment_ids: tuple[jax.Array, jax.Array] | None = None,
-  impl: Impl = "auto",
   layout: BlockLayout | None = None,
+  kernel: Kernel = "auto",
+  context_parallel: Ring | str | None = None,
   return_lse: bool = False,
   scale: float | None = None,
-  ring_layout: str = "contiguous",
+  allow_reference_fallback: bool = False,
 ):
   """Attention over [B, T, Hq, D] queries and [B, S, Hkv, D] keys/values (GQA when Hq > Hkv).
 
   Args:
     mask: a `MaskSpec`; never materialised densely by the kernels.
     segment_ids: ([B, T], [B, S]) int32: tokens attend only within equal ids (packing).
-    impl: backend name, see `IMPLS`. "auto" picks the fastest correct one for the platform.
-    layout: optional `BlockLayout` restricting which kv blocks each q block computes.
+    layout: optional `BlockLayout` restricting which kv blocks each q block computes (block-sparse).
+    kernel: see `KERNELS`; "auto" picks the fastest kernel for the platform that can express the call.
+    context_parallel: None, or `Ring(layout=...)` (or "ring" = Ring()): ring attention over the `seq` axis,
+      each hop on `kernel` (q, k, v are then GLOBAL arrays in the ring layout's token order).
     return_lse: also return the fp32 log-sum-exp [B, Hq, T] (ring merges and evaluation use it).
     scale: softmax scale, default 1/sqrt(D).
-    ring_layout: token order of the sequence when impl="ring" (contiguous | zigzag | frame_striped).
+    allow_reference_fallback: where the flash kernel cannot run the call, run the dense fp32 reference
+      (with a warning) instead of raising.
   """
   reference.check_shapes(q, k, v, segment_ids)
-  if impl not in IMPLS:
-    raise ValueError(f"attention.impl: unknown attention impl {impl!r}; expected one of {IMPLS}")
-  if impl == "auto":
-    impl = _auto_impl(q, mask, segment_ids, layout, return_lse)
-  kw = dict(mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse)
-  if impl == "reference":
-    return reference.attention(q, k, v, **kw)
-  if impl == "xla":
-    return _xla_attention(q, k, v, **kw)
-  if impl == "cudnn":
-    return _cudnn_attention(q, k, v, **kw)
-  if impl in ("flash", "block_sparse"):
-    from pallas_kernels import ops  # noqa: PLC0415  (kernels are heavy; import on first use)
-
-    fn = ops.flash_attention if impl == "flash" else ops.block_sparse_attention
-    return fn(q, k, v, **kw)
-  from layers import ring  # noqa: PLC0415
-
-  return ring.ring_attention(q, k, v, token_layout=ring_layout, **kw)
+  if kernel not in KERNELS:
+    raise ValueError(_unknown_kernel(kernel))
+  cp = _as_ring(context_parallel)
+  if cp is not None:
+    hop = hop_kernel(kernel, allow_reference_fallback=allow_reference_fallback)
+    return ring.ring_attention(
+      q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse, hop=hop,
+      token_layout=cp.layout, axis_name=cp.axis_name, tokens_per_frame=cp.tokens_per_frame,
+    )
+  name = resolve_kernel(
+    kernel, dtype=q.dtype, mask=mask, has_segments=segment_ids is not None, has_layout=layout is not None,
+    return_lse=return_lse,
+  )
+  return _run_kernel(
+    name, q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse,
+    allow_reference_fallback=allow_reference_fallback,
+  )
 
 
 class Attention(nnx.Module):
-  """Multi-head attention with GQA and RoPE; the mask and impl are given per call.
+  """Multi-head attention with GQA and RoPE; the mask is given per call, the kernel choices at construction.
 
+  After the projections and RoPE the layer asks `selector(q, k, mask, layer_index)` for a `BlockLayout`
+  (None = dense; the default `dense_selector` always says dense), so block-sparse methods only add selectors.
   Weights carry logical axis names (vidlm/sharding.py maps them to mesh axes).
   """
 
@@ -151,8 +312,10 @@ class Attention(nnx.Module):
     num_kv_heads: int,
     head_dim: int,
     *,
-    impl: Impl = "auto",
-    ring_layout: str = "contiguous",
+    kernel: Kernel = "auto",
+    context_parallel: Ring | None = None,
+    selector: Selector | None = None,
+    allow_reference_fallback: bool = False,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -160,7 +323,11 @@ class Attention(nnx.Module):
     if num_heads % num_kv_heads:
       raise ValueError(f"model.num_heads={num_heads} must be a multiple of model.num_kv_heads={num_kv_heads}")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-    self.impl, self.ring_layout, self.dtype = impl, ring_layout, dtype
+    if kernel not in KERNELS:
+      raise ValueError(_unknown_kernel(kernel))
+    self.kernel, self.context_parallel = kernel, _as_ring(context_parallel)
+    self.selector = dense_selector if selector is None else selector
+    self.allow_reference_fallback, self.dtype = allow_reference_fallback, dtype
     init = nnx.initializers.lecun_normal()
 
     def dense(din, dout, names):
@@ -187,10 +354,16 @@ class Attention(nnx.Module):
     *,
     mask: MaskSpec,
     segment_ids: tuple[jax.Array, jax.Array] | None = None,
+    layer_index: int | jax.Array = 0,
   ) -> jax.Array:
-    """x: [B, N, E] -> [B, N, E]. `rope` holds the per-token rotation tables for this sequence."""
+    """x: [B, N, E] -> [B, N, E]. `rope` holds the per-token rotation tables for this sequence; `layer_index`
+    (an int, or the traced int32 of a scanned stack) is passed to the selector."""
     q = rope_lib.apply(self.q_proj(x), rope)
     k = rope_lib.apply(self.k_proj(x), rope)
     v = self.v_proj(x)
-    out = attention(q, k, v, mask=mask, segment_ids=segment_ids, impl=self.impl, ring_layout=self.ring_layout)
+    layout = self.selector(q, k, mask, layer_index)
+    out = attention(
+      q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, kernel=self.kernel,
+      context_parallel=self.context_parallel, allow_reference_fallback=self.allow_reference_fallback,
+    )
     return self.o_proj(out)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import Attention
+from layers.attention import Attention, Ring, Selector
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from layers.rope import RopeTables
@@ -22,22 +22,29 @@ class DecoderBlock(nnx.Module):
     num_kv_heads: int,
     head_dim: int,
     mlp_dim: int,
-    attention_impl: str = "auto",
-    ring_layout: str = "contiguous",
+    attention_kernel: str = "auto",
+    context_parallel: Ring | None = None,
+    attention_selector: Selector | None = None,
+    allow_reference_fallback: bool = False,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
     self.attn_norm = RMSNorm(embed_dim, param_dtype=param_dtype)
     self.attn = Attention(
-      embed_dim, num_heads, num_kv_heads, head_dim, impl=attention_impl, ring_layout=ring_layout,
+      embed_dim, num_heads, num_kv_heads, head_dim, kernel=attention_kernel, context_parallel=context_parallel,
+      selector=attention_selector, allow_reference_fallback=allow_reference_fallback,
       dtype=dtype, param_dtype=param_dtype, rngs=rngs,
     )
     self.mlp_norm = RMSNorm(embed_dim, param_dtype=param_dtype)
     self.mlp = SwiGLU(embed_dim, mlp_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, rope: RopeTables, *, mask: MaskSpec, segment_ids=None, constrain=None) -> jax.Array:
-    """x: [B, N, E] -> [B, N, E]. `constrain` pins the residual stream's sharding between sub-layers."""
+  def __call__(
+    self, x: jax.Array, rope: RopeTables, *, mask: MaskSpec, segment_ids=None, constrain=None, layer_index=0
+  ) -> jax.Array:
+    """x: [B, N, E] -> [B, N, E]. `constrain` pins the residual stream's sharding between sub-layers;
+    `layer_index` (int or traced int32 inside a scan) reaches the attention selector."""
     constrain = constrain or (lambda y: y)
-    x = constrain(x + self.attn(self.attn_norm(x), rope, mask=mask, segment_ids=segment_ids))
+    attn = self.attn(self.attn_norm(x), rope, mask=mask, segment_ids=segment_ids, layer_index=layer_index)
+    x = constrain(x + attn)
     return constrain(x + self.mlp(self.mlp_norm(x)))

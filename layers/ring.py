@@ -21,9 +21,9 @@ lse, P_t = exp(s_t - lse) and
 
     dV_t = P_t^T dO,   dS_t = P_t * (dO V_t^T - delta),   dQ += scale dS_t K_t,   dK_t = scale dS_t^T Q.
 
-That is exactly a flash-attention backward fed with the global (out, lse): the "xla", "cudnn" and "flash"
-local impls do this (no forward recomputation). Where no such backward can be fed (the "reference" impl, or a
-`pallas_kernels.ops` without the internal hook) we use the vjp of the local attention instead:
+That is exactly a flash-attention backward fed with the global (out, lse): hop kernels with a `backward`
+(xla, cudnn, flash; see `HopKernel`) do this (no forward recomputation). Where no such backward is given (the
+reference kernel) we use the vjp of the hop's forward instead:
 out = sum_t w_t o_t with w_t = exp(lse_t - lse), so
 
     d o_t = w_t dO,    d lse_t = w_t (rowsum(dO * o_t) - rowsum(dO * out) + dL) = w_t (rowsum(dO * o_t) - delta),
@@ -69,7 +69,6 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation
 
 TOKEN_LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag", "frame_striped")
-LOCAL_IMPLS: tuple[str, ...] = ("auto", "xla", "reference", "flash", "cudnn")
 _BATCH_AXES = ("data", "fsdp")
 _HEAD_AXIS = "tensor"
 
@@ -318,7 +317,7 @@ class _RingCfg:
   plans: tuple[_Plan, ...]  # distinct plans
   table: tuple[tuple[int, ...], ...]  # table[t][r] = index into plans for hop t on device r
   uniform: tuple[tuple[_UniformCall, ...] | None, ...]  # per hop: conditional-free form, if any
-  local_impl: str
+  hop: HopKernel
   scale: float
   permute: bool = True  # False: benchmark-only "ring without communication" (wrong numbers, same compute)
   barrier: bool = True  # optimization barriers pin each permute to one hop (see _ring_fwd_impl)
@@ -353,29 +352,32 @@ def _build_plans(mask: MaskSpec, num_tokens: int, ring_size: int, token_layout: 
 # ---------------------------------------------------------------------------------------------------------
 # Local (per-hop) attention backends
 # ---------------------------------------------------------------------------------------------------------
-def _resolve_local_impl(local_impl: str) -> str:
-  if local_impl not in LOCAL_IMPLS:
-    raise ValueError(f"ring local_impl {local_impl!r} is not one of {LOCAL_IMPLS}")
-  if local_impl != "auto":
-    return local_impl
-  platform = jax.devices()[0].platform
-  if platform in ("gpu", "tpu"):
-    try:
-      from pallas_kernels import ops  # noqa: F401, PLC0415
+@dataclasses.dataclass(frozen=True)
+class HopKernel:
+  """The attention a ring hop runs, handed in by the caller (`layers.attention.hop_kernel`): the ring never
+  picks a kernel itself, so it does not depend on the dispatcher in layers/attention.py.
 
-      return "flash"
-    except ImportError:
-      return "cudnn" if platform == "gpu" else "xla"
-  return "xla"
+  forward(q, k, v, *, mask, segment_ids, scale) -> (o [B, tq, Hq, D] q.dtype, lse [B, Hq, tq] fp32).
+  backward(q, k, v, mask, segment_ids, out, lse, do, delta, dlse, scale) -> (dq, dk, dv) fp32, fed with the
+    GLOBAL out/lse rows and delta = rowsum(dO * out) - dL; None: the vjp of `forward` (recomputes the hop).
+  whole(q, k, v, *, mask, segment_ids, scale, return_lse): differentiable attention for a ring of one device.
+  check(mask, tq, tk, has_segments): raise on a hop mask the kernel cannot run (before tracing), or None.
+  """
+
+  name: str
+  forward: Callable
+  whole: Callable
+  backward: Callable | None = None
+  check: Callable | None = None
 
 
 def _cudnn_check(spec: MaskSpec, tq: int, tk: int, has_segments: bool) -> None:
   square_causal = spec.kind == "causal" and spec.q_offset == 0 and spec.kv_offset == 0 and tq == tk
   if has_segments or not (spec.kind == "bidirectional" or square_causal):
     raise ValueError(
-      f"ring local_impl='cudnn' handles hop masks that are plain causal (square, no offsets) or bidirectional "
+      f"ring kernel='cudnn' handles hop masks that are plain causal (square, no offsets) or bidirectional "
       f"and no segment ids; this hop needs {spec} on a [{tq}, {tk}] block"
-      f"{' with segment ids' if has_segments else ''}: use local_impl='flash' or 'xla'"
+      f"{' with segment ids' if has_segments else ''}: use kernel='flash' or 'xla'"
     )
 
 
@@ -408,18 +410,32 @@ def _cudnn_bwd(q, k, v, spec, scale, out, lse, do):
   return dq, dk, dv
 
 
-def _local_fwd(impl: str, q, k, v, spec: MaskSpec, seg, scale: float):
+def cudnn_hop_forward(q, k, v, *, mask: MaskSpec, segment_ids, scale: float):
+  """(o, lse) of one sub-block with cuDNN; the hop mask must pass `cudnn_hop_check`."""
+  _cudnn_check(mask, q.shape[1], k.shape[1], segment_ids is not None)
+  return _cudnn_fwd(q, k, v, mask, scale)
+
+
+def cudnn_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
+  """cuDNN backward of one sub-block fed with the global (out, lse) (no lse cotangent)."""
+  del seg, delta
+  if dlse is not None:
+    raise ValueError("ring with kernel='cudnn' cannot differentiate through the returned lse; use 'xla' or 'flash'")
+  dq, dk, dv = _cudnn_bwd(q, k, v, spec, scale, out.astype(q.dtype), lse, do.astype(q.dtype))
+  return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+
+
+cudnn_hop_check = _cudnn_check
+
+
+def _local_fwd(hop: HopKernel, q, k, v, spec: MaskSpec, seg, scale: float):
   """(o [B, tq, Hq, D] q.dtype, lse [B, Hq, tq] fp32) of one sub-block."""
-  if impl == "cudnn":
-    _cudnn_check(spec, q.shape[1], k.shape[1], seg is not None)
-    return _cudnn_fwd(q, k, v, spec, scale)
-  from layers import attention as attention_lib  # noqa: PLC0415  (attention.py imports us lazily too)
-
-  return attention_lib.attention(q, k, v, mask=spec, segment_ids=seg, impl=impl, return_lse=True, scale=scale)
+  return hop.forward(q, k, v, mask=spec, segment_ids=seg, scale=scale)
 
 
-def _dense_bwd(q, k, v, spec: MaskSpec, seg, lse, do, delta, scale: float):
-  """Direct hop backward with the global lse (dense; the "xla" local impl). GQA without repeating K/V."""
+def dense_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
+  """Direct hop backward with the global lse (dense; the "xla" hop kernel). GQA without repeating K/V."""
+  del out, dlse  # delta already holds the lse cotangent
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
   g = hq // hkv
@@ -439,31 +455,13 @@ def _dense_bwd(q, k, v, spec: MaskSpec, seg, lse, do, delta, scale: float):
   return dq.reshape(b, tq, hq, d), dk, dv
 
 
-def _flash_bwd(q, k, v, spec: MaskSpec, seg, out, lse, do, dlse, scale: float):
-  """The Pallas flash backward kernels fed with the global (out, lse[, dlse]): no per-hop forward recompute."""
-  from pallas_kernels import ops  # noqa: PLC0415
-
-  dq, dk, dv = ops.attention_backward(
-    q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), mask=spec, segment_ids=seg, dlse=dlse, scale=scale
-  )
-  return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
-
-
-def _local_bwd(impl: str, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
+def _local_bwd(hop: HopKernel, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
   """(dq, dk, dv) fp32 of one sub-block given the global out/lse rows and delta = rowsum(dO*out) - dL."""
-  has_dlse = dlse is not None
-  if impl == "xla":
-    return _dense_bwd(q, k, v, spec, seg, lse, do, delta, scale)
-  if impl == "flash":
-    return _flash_bwd(q, k, v, spec, seg, out, lse, do, dlse, scale)
-  if impl == "cudnn":
-    if has_dlse:
-      raise ValueError("ring local_impl='cudnn' cannot differentiate through the returned lse; use 'xla' or 'flash'")
-    dq, dk, dv = _cudnn_bwd(q, k, v, spec, scale, out.astype(q.dtype), lse, do.astype(q.dtype))
-    return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
+  if hop.backward is not None:
+    return hop.backward(q, k, v, spec, seg, out, lse, do, delta, dlse, scale)
   # Generic: vjp of the local attention with d o_t = w_t dO and d lse_t = w_t (rowsum(dO o_t) - delta).
   do = do.astype(jnp.float32)
-  (o_t, lse_t), vjp = jax.vjp(lambda q_, k_, v_: _local_fwd(impl, q_, k_, v_, spec, seg, scale), q, k, v)
+  (o_t, lse_t), vjp = jax.vjp(lambda q_, k_, v_: _local_fwd(hop, q_, k_, v_, spec, seg, scale), q, k, v)
   finite = jnp.isfinite(lse_t)
   w = jnp.where(finite, jnp.exp(jnp.where(finite, lse_t, 0.0) - jnp.where(finite, lse, 0.0)), 0.0)  # [B,H,t]
   w_rows = jnp.swapaxes(w, 1, 2)[..., None]  # [B, t, H, 1]
@@ -524,7 +522,7 @@ def _fwd_branch(cfg: _RingCfg, calls) -> Callable:
     for q_lo, tq, kv_lo, tk, mask in _resolve(cfg, calls):
       kvb = _slice(kv, kv_lo, tk, 2)
       seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
-      o_t, lse_t = _local_fwd(cfg.local_impl, _slice(q, q_lo, tq, 1), kvb[0], kvb[1], mask, seg, cfg.scale)
+      o_t, lse_t = _local_fwd(cfg.hop, _slice(q, q_lo, tq, 1), kvb[0], kvb[1], mask, seg, cfg.scale)
       if o is None:  # first hop, one call covering every row: nothing to merge with
         o, lse = o_t.astype(jnp.float32), lse_t
         continue
@@ -542,7 +540,7 @@ def _bwd_branch(cfg: _RingCfg, calls) -> Callable:
       seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
       rows = lambda x, axis=1, lo=q_lo, size=tq: _slice(x, lo, size, axis)
       dq_t, dk_t, dv_t = _local_bwd(
-        cfg.local_impl,
+        cfg.hop,
         rows(q),
         kvb[0],
         kvb[1],
@@ -749,9 +747,9 @@ def ring_attention(
   layout: BlockLayout | None = None,
   scale: float | None = None,
   return_lse: bool = False,
+  hop: HopKernel,
   token_layout: str = "contiguous",
   axis_name: str = "seq",
-  local_impl: str = "auto",
   tokens_per_frame: int | None = None,
   _permute: bool = True,
   _uniform: bool = True,
@@ -765,8 +763,7 @@ def ring_attention(
   (data, fsdp) and heads over tensor where they divide. Returns out [B, T, Hq, D] (and lse [B, Hq, T] fp32).
 
   Args:
-    local_impl: per-hop attention: "auto" (Pallas flash on GPU/TPU once it exists, else cuDNN on GPU, XLA on
-      CPU), "xla", "reference", "flash" or "cudnn" (plain causal/bidirectional hop masks only).
+    hop: the per-hop attention kernel (`layers.attention.hop_kernel("xla" | "flash" | "cudnn" | "reference")`).
     tokens_per_frame: frame size of the frame_striped layout; defaults to mask.tokens_per_frame.
     _permute: benchmark only. False skips the K/V transfers (wrong results) to time the compute alone.
     _uniform: False always dispatches hops with different per-device plans by `lax.switch` (benchmarks, tests).
@@ -776,12 +773,11 @@ def ring_attention(
 
   reference.check_shapes(q, k, v, segment_ids)
   if layout is not None:
-    raise ValueError("ring_attention: a BlockLayout (block-sparse) is not supported with impl='ring' yet")
+    raise ValueError("ring_attention: a BlockLayout (block-sparse) is not supported with context_parallel=ring yet")
   b, t, hq, d = q.shape
   if k.shape[1] != t:
     raise ValueError(f"ring_attention: self-attention only; q has {t} tokens, k/v have {k.shape[1]}")
   scale = float(d**-0.5 if scale is None else scale)
-  impl = _resolve_local_impl(local_impl)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or axis_name not in mesh.axis_names:
     raise ValueError(
@@ -801,26 +797,13 @@ def ring_attention(
     tpf = 1
   _device_chunks(t, n, token_layout, tpf)  # validates divisibility with a clear message
   if n == 1:
-    if impl == "cudnn":
-      if segment_ids is not None or mask.kind not in ("causal", "bidirectional") or mask.q_offset or mask.kv_offset:
-        raise ValueError(f"ring local_impl='cudnn' cannot run mask {mask} / segment ids")
-      impl = "cudnn_public"
-    from layers import attention as attention_lib  # noqa: PLC0415
-
-    if impl == "cudnn_public":
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=mask.kind == "causal", implementation="cudnn")
-      if return_lse:
-        raise ValueError("ring local_impl='cudnn' on a ring of 1 cannot return lse; use 'xla' or 'flash'")
-      return out
-    return attention_lib.attention(
-      q, k, v, mask=mask, segment_ids=segment_ids, impl=impl, return_lse=return_lse, scale=scale
-    )
+    return hop.whole(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=return_lse)
 
   plans, table, uniform = _build_plans(mask, t, n, token_layout, tpf, _uniform)
-  if impl == "cudnn":  # fail before tracing, naming the hop mask cuDNN cannot do
+  if hop.check is not None:  # fail before tracing, naming the hop mask the kernel cannot do
     for call in (c for plan in plans for c in plan):
-      _cudnn_check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
-  cfg = _RingCfg(axis_name, n, plans, table, uniform, impl, scale, _permute, _barrier)
+      hop.check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
+  cfg = _RingCfg(axis_name, n, plans, table, uniform, hop, scale, _permute, _barrier)
   batch, heads = _mesh_axes(mesh, b, hq, k.shape[2])
   qspec = P(batch, axis_name, heads, None)
   lse_spec = P(batch, heads, axis_name)
@@ -848,4 +831,4 @@ def ring_flops(num_tokens: int, num_heads: int, head_dim: int, *, causal: bool, 
   return f * (3.5 if backward else 1.0)
 
 
-__all__ = ["LOCAL_IMPLS", "TOKEN_LAYOUTS", "ring_attention", "ring_flops", "token_permutation"]
+__all__ = ["TOKEN_LAYOUTS", "HopKernel", "ring_attention", "ring_flops", "token_permutation"]

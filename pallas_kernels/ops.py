@@ -4,11 +4,16 @@
 kernel forward *and* a kernel backward on every platform:
 
   backend     forward / backward                                        chosen by default on
-  "gpu"       pallas_kernels.gpu.flash (Mosaic GPU) when it `supports`   gpu
-              the inputs, else the dense reference (one-time warning)
+  "gpu"       pallas_kernels.gpu.flash (Mosaic GPU)                       gpu
   "tpu"       pallas_kernels.tpu.flash (pallas_call + scalar prefetch)   tpu
   "interpret" the TPU kernels in Pallas interpret mode                   cpu   (slow; for tests and debugging)
   "reference" dense fp32 math from reference.py (O(T * S) memory)        never (explicit only)
+
+No silent fallback: a call the chosen kernel cannot run raises `UnsupportedCall`, a one-line error naming the
+property (dtype, head dim, lengths vs blocks, a BlockLayout on GPU), unless the caller passes
+`allow_reference_fallback=True` (config `attention.allow_reference_fallback`): then the dense fp32 reference
+runs, with a warning once per process. `unsupported_reason` is the same predicate on shapes alone (no device
+work), for config validation.
 
 Both functions return `out` and, with `return_lse=True`, the fp32 log-sum-exp. The lse is differentiable:
 ring attention merges hops through (out, lse) and differentiates through the merge, so the backward takes
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
+import math
 import warnings
 from typing import Any, Literal
 
@@ -61,26 +66,78 @@ def default_backend() -> str:
   return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "interpret")
 
 
+class UnsupportedCall(ValueError):
+  """The chosen kernel cannot run this attention call (and the reference fallback was not allowed)."""
+
+
 def _gpu_module():
-  """The Mosaic GPU kernels, or None when they cannot be imported (e.g. a jax build without Mosaic GPU)."""
+  """The Mosaic GPU kernels, or raise naming why they cannot be imported (e.g. a jax build without Mosaic GPU)."""
   try:
     from pallas_kernels.gpu import flash as gpu_flash  # noqa: PLC0415
-  except Exception as e:  # noqa: BLE001  (any import failure means "no GPU kernel": fall back loudly)
-    _warn_once(f"pallas_kernels.ops: GPU flash kernels unavailable ({type(e).__name__}: {e}); using the reference")
-    return None
-  for name in ("flash_forward", "flash_backward", "supports"):
-    if not hasattr(gpu_flash, name):
-      _warn_once(f"pallas_kernels.ops: pallas_kernels.gpu.flash has no {name}(); using the reference")
-      return None
+  except Exception as e:  # noqa: BLE001  (any import failure means "no GPU kernel")
+    raise UnsupportedCall(f"the Mosaic GPU kernels cannot be imported ({type(e).__name__}: {e})") from None
   return gpu_flash
 
 
-def _accepts(fn, name: str) -> bool:
+def _gpu_reason(q, k, v, segment_ids, mask: MaskSpec, layout, config) -> str | None:
+  """Why the GPU kernels cannot run these (abstract) inputs, or None. The module's `supports` is the authority;
+  the named checks only make the message say which property failed."""
   try:
-    params = inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    return False
-  return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    gpu = _gpu_module()
+  except UnsupportedCall as e:
+    return str(e)
+  if layout is not None:
+    return "a BlockLayout (the GPU kernels have no block-sparse path yet)"
+  if isinstance(config, tpu_flash.TpuFlashConfig):
+    config = None  # block sizes are per backend
+  d = q.shape[-1]
+  if jnp.dtype(q.dtype) not in gpu._DTYPES or not q.dtype == k.dtype == v.dtype:
+    return f"dtype {jnp.dtype(q.dtype).name}/{jnp.dtype(k.dtype).name} (the GPU kernels take bfloat16 or float16)"
+  if d not in gpu._HEAD_DIMS:
+    return f"head_dim={d} (the GPU kernels take {gpu._HEAD_DIMS})"
+  if mask.q_offset < 0 or mask.kv_offset < 0:
+    return f"negative mask offsets in {mask}"
+  cfg = gpu._resolve_config(config, d)
+  t, s = q.shape[1], k.shape[1]
+  cw = cfg.compute_wgs_bwd
+  need_t = math.lcm(2 * cfg.block_q, cw * cfg.block_q_dq, cfg.block_q_dkv)
+  need_s = math.lcm(cfg.block_kv, cfg.block_kv_dq, cw * cfg.block_kv_dkv)
+  if t % need_t or s % need_s:
+    return f"lengths T={t}, S={s} (the GPU kernels need T % {need_t} == 0 and S % {need_s} == 0)"
+  if not gpu.supports(q, k, v, segment_ids, mask, config=config):
+    return f"q{tuple(q.shape)}, k{tuple(k.shape)}, mask={mask} (rejected by pallas_kernels.gpu.flash.supports)"
+  return None
+
+
+def _tpu_reason(q, k, segment_ids, mask, layout, config, backend) -> str | None:
+  cfg = _tpu_config(q.shape[1], k.shape[1], config, layout, backend)
+  if cfg is not None or layout is not None:
+    if tpu_flash.supports(q, k, k, segment_ids, mask, layout=layout, config=cfg, hardware=backend == "tpu"):
+      return None
+  blocks = None if layout is None else (layout.block_q, layout.block_kv)
+  return (
+    f"lengths T={q.shape[1]}, S={k.shape[1]} (no {backend} kernel block divides them; config={cfg}, layout "
+    f"blocks={blocks}; on a TPU blocks are multiples of 128 dividing the lengths: pad the sequence)"
+  )
+
+
+def unsupported_reason(
+  q, k, v, *, mask: MaskSpec, segment_ids=None, layout: BlockLayout | None = None, backend: str | None = None,
+  config: Any = None,
+) -> str | None:
+  """Why the `backend` flash kernels cannot run this call, or None if they can.
+
+  Pure: q/k/v may be `jax.ShapeDtypeStruct`s (config validation lists every call the model will make
+  before any device work); `backend=None` is the platform's (`default_backend()`).
+  """
+  backend = default_backend() if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"flash_attention(backend={backend!r}): expected one of {BACKENDS}")
+  if backend == "gpu":
+    return _gpu_reason(q, k, v, segment_ids, mask, layout, config)
+  if backend in ("tpu", "interpret"):
+    return _tpu_reason(q, k, segment_ids, mask, layout, config, backend)
+  return None
 
 
 def _tpu_config(t: int, s: int, config, layout: BlockLayout | None, backend: str) -> tpu_flash.TpuFlashConfig | None:
@@ -118,47 +175,23 @@ class _Static:
   config: Any
 
 
-def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config) -> _Static:
-  """Resolve the backend for these shapes, falling back to the reference (with a warning) where needed."""
+def _plan(q, k, v, segment_ids, layout, mask, scale, backend, config, allow_reference_fallback) -> _Static:
+  """Resolve the backend for these shapes; a call it cannot run raises unless the reference fallback is allowed."""
   backend = default_backend() if backend is None else backend
-  if backend not in BACKENDS:
-    raise ValueError(f"flash_attention(backend={backend!r}): expected one of {BACKENDS}")
-  if backend == "gpu":
-    gpu = _gpu_module()
-    if gpu is not None and layout is not None and not _accepts(gpu.flash_forward, "layout"):
-      _warn_once(
-        "pallas_kernels.ops: the GPU kernels take no BlockLayout yet; block-sparse runs on the dense reference"
-      )
-      gpu = None
-    if gpu is not None:
-      if isinstance(config, tpu_flash.TpuFlashConfig):
-        config = None  # block sizes are per backend
-      kw = {"config": config} if config is not None else {}
-      if layout is not None and _accepts(gpu.supports, "layout"):
-        kw["layout"] = layout
-      try:
-        ok = bool(gpu.supports(q, k, v, segment_ids, mask, **kw))
-      except Exception as e:  # noqa: BLE001
-        _warn_once(f"pallas_kernels.ops: gpu.flash.supports raised {type(e).__name__}: {e}")
-        ok = False
-      if ok:
-        return _Static("gpu", mask, scale, config)
-      _warn_once(
-        f"pallas_kernels.ops: the GPU flash kernel does not support q{tuple(q.shape)} {q.dtype}, "
-        f"k{tuple(k.shape)}, mask={mask}; falling back to the dense reference (O(T*S) memory, slow)"
-      )
+  reason = unsupported_reason(q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, backend=backend, config=config)
+  if reason is None:
+    if backend == "gpu":
+      return _Static("gpu", mask, scale, None if isinstance(config, tpu_flash.TpuFlashConfig) else config)
+    if backend in ("tpu", "interpret"):
+      return _Static(backend, mask, scale, _tpu_config(q.shape[1], k.shape[1], config, layout, backend))
     return _Static("reference", mask, scale, None)
-  if backend in ("tpu", "interpret"):
-    cfg = _tpu_config(q.shape[1], k.shape[1], config, layout, backend)
-    if tpu_flash.supports(q, k, v, segment_ids, mask, layout=layout, config=cfg, hardware=backend == "tpu"):
-      return _Static(backend, mask, scale, cfg)
-    _warn_once(
-      f"pallas_kernels.ops: lengths T={q.shape[1]}, S={k.shape[1]} do not fit the TPU kernel's blocks "
-      f"(config={cfg}, layout blocks={None if layout is None else (layout.block_q, layout.block_kv)}; on a TPU "
-      "blocks must be multiples of 128 dividing the lengths): pass config=TpuFlashConfig(...) or pad the "
-      "sequence; falling back to the dense reference"
+  message = f"pallas_kernels.ops: the {backend} flash kernel cannot run this call: {reason}"
+  if not allow_reference_fallback:
+    raise UnsupportedCall(
+      f"{message}; use another attention.kernel, or set attention.allow_reference_fallback=true to run the dense "
+      "fp32 reference (O(T*S) memory, slow)"
     )
-    return _Static("reference", mask, scale, None)
+  _warn_once(f"{message}; running the dense fp32 reference (attention.allow_reference_fallback=true)")
   return _Static("reference", mask, scale, None)
 
 
@@ -204,9 +237,7 @@ def _forward(st: _Static, q, k, v, segment_ids, layout):
       q, k, v, mask=st.mask, segment_ids=segment_ids, layout=layout, scale=st.scale, return_lse=True
     )
   if st.backend == "gpu":
-    gpu = _gpu_module()
-    kw = {"layout": layout} if layout is not None else {}
-    return gpu.flash_forward(q, k, v, segment_ids, mask=st.mask, scale=st.scale, config=st.config, **kw)
+    return _gpu_module().flash_forward(q, k, v, segment_ids, mask=st.mask, scale=st.scale, config=st.config)
   return tpu_flash.flash_forward(
     q,
     k,
@@ -223,16 +254,8 @@ def _forward(st: _Static, q, k, v, segment_ids, layout):
 def _backward(st: _Static, q, k, v, segment_ids, layout, out, lse, dout, dlse):
   kw = dict(mask=st.mask, scale=st.scale)
   if st.backend == "gpu":
-    gpu = _gpu_module()
-    if dlse is None or _accepts(gpu.flash_backward, "dlse"):
-      extra = {"dlse": dlse} if dlse is not None else {}
-      if layout is not None:
-        extra["layout"] = layout
-      return gpu.flash_backward(q, k, v, segment_ids, out, lse, dout, config=st.config, **kw, **extra)
-    _warn_once(
-      "pallas_kernels.ops: gpu.flash.flash_backward takes no dlse; the lse gradient (return_lse=True) is "
-      "computed with the dense reference backward"
-    )
+    # layouts never reach here: _plan rejects them for the GPU backend
+    return _gpu_module().flash_backward(q, k, v, segment_ids, out, lse, dout, config=st.config, dlse=dlse, **kw)
   if st.backend in ("tpu", "interpret"):
     return tpu_flash.flash_backward(
       q,
@@ -321,6 +344,7 @@ def flash_attention(
   return_lse: bool = False,
   backend: Backend | None = None,
   config: Any = None,
+  allow_reference_fallback: bool = False,
 ):
   """Flash attention: q [B, T, Hq, D], k/v [B, S, Hkv, D] -> out [B, T, Hq, D] (+ lse [B, Hq, T] fp32).
 
@@ -332,6 +356,8 @@ def flash_attention(
     return_lse: also return the (differentiable) log-sum-exp; -inf on rows that see no key.
     backend: "gpu" | "tpu" | "interpret" | "reference"; default: the platform's kernel (interpret on CPU).
     config: backend block sizes (`TpuFlashConfig` for tpu/interpret, the GPU module's `FlashConfig`).
+    allow_reference_fallback: run the dense fp32 reference (with a warning) when the kernel cannot run the
+      call, instead of raising `UnsupportedCall`.
   """
   reference.check_shapes(q, k, v, segment_ids)
   if not isinstance(mask, MaskSpec):
@@ -339,7 +365,7 @@ def flash_attention(
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
   if segment_ids is not None:
     segment_ids = tuple(jnp.asarray(x, jnp.int32) for x in segment_ids)
-  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config, allow_reference_fallback)
   if return_lse:
     return _attn_lse(q, k, v, segment_ids, layout, st)
   return _attn_out(q, k, v, segment_ids, layout, st)
@@ -356,6 +382,7 @@ def attention_forward(
   scale: float | None = None,
   backend: Backend | None = None,
   config: Any = None,
+  allow_reference_fallback: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """The forward kernel alone (no custom_vjp): out [B, T, Hq, D], lse [B, Hq, T] fp32.
 
@@ -364,7 +391,7 @@ def attention_forward(
   """
   reference.check_shapes(q, k, v, segment_ids)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config, allow_reference_fallback)
   return _forward(st, q, k, v, segment_ids, layout)
 
 
@@ -383,6 +410,7 @@ def attention_backward(
   scale: float | None = None,
   backend: Backend | None = None,
   config: Any = None,
+  allow_reference_fallback: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The backward kernels alone: (dq [B, T, Hq, D], dk, dv [B, S, Hkv, D]) in the input dtypes.
 
@@ -393,7 +421,7 @@ def attention_backward(
   """
   reference.check_shapes(q, k, v, segment_ids)
   scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config)
+  st = _plan(q, k, v, segment_ids, layout, mask, scale, backend, config, allow_reference_fallback)
   if dlse is not None:
     dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
   return _backward(st, q, k, v, segment_ids, layout, out, lse, dout, dlse)
@@ -411,6 +439,7 @@ def block_sparse_attention(
   return_lse: bool = False,
   backend: Backend | None = None,
   config: Any = None,
+  allow_reference_fallback: bool = False,
 ):
   """Block-sparse attention: like `flash_attention`, computing only the kv blocks `layout` lists.
 
@@ -430,4 +459,5 @@ def block_sparse_attention(
     return_lse=return_lse,
     backend=backend,
     config=config,
+    allow_reference_fallback=allow_reference_fallback,
   )

@@ -15,6 +15,7 @@ import os
 import traceback
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +24,149 @@ class ConfigError(ValueError):
   """A config problem; the message names the offending field."""
 
 
+DEFAULT_MODEL = "video_lm"
+
+
 @dataclasses.dataclass
-class ModelConfig:
-  name: str = "video_lm"
-  embed_dim: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int = 32
-  mlp_dim: int = 512
-  vocab_size: int = 260
-  # tubelet (frames, height, width) of one video token
-  tubelet: tuple[int, int, int] = (1, 8, 8)
-  rope_theta: float = 10_000.0
-  dtype: str = "float32"  # compute dtype: float32 | bfloat16
-  param_dtype: str = "float32"
-  # none | full | dots | dots_no_batch | save_attention  (see layers/scan.py)
-  remat: str = "none"
-  scan_layers: bool = True
+class ModelSection:
+  """Base of every model's config section, `config.model`: the model owns its section.
+
+  A model subclasses this in its own file (`vidlm/models/<model>.py`) with its fields, the default of `name` set to
+  its registered name, and registers both: `@register_model("video_lm", config=VideoLMConfig)`. The class of
+  `config.model` follows `model.name`: `--config.model.name=other` switches the section to `other`'s defaults
+  before the other `model.*` overrides apply (whatever their order on the command line), a config.json is read
+  back into the class its `model.name` registers, and `validate` rejects a section of the wrong class.
+  `vidlm.config.ModelConfig` still names VideoLM's section (`VideoLMConfig`).
+  """
+
+  name: str = DEFAULT_MODEL
+
+  def check_values(self, cfg: Config) -> None:
+    """Range checks of the model's own fields (one-line ConfigError naming the field); no jax, no devices.
+    Run by `config_checks.check_values`, so the CLI rejects a bad value before distributed start-up."""
+
+  def validate(self, cfg: Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
+    """The model's checks that involve other sections (data shapes, attention, mesh), after the generic ones."""
+
+  def sequence_length(self, cfg: Config) -> int | None:
+    """Tokens per example the model attends over (the trainer's tokens/s), or None where that means nothing."""
+    return None
+
+
+def default_model_section() -> ModelSection:
+  """A fresh section of the default model (imports the model files: they define their sections)."""
+  from vidlm.models.registry import model_config_class  # noqa: PLC0415  (jax, flax: not at config import)
+
+  return model_config_class(DEFAULT_MODEL)()
+
+
+def check_model_section(cfg: Config) -> None:
+  """`config.model` is an instance of the section class that `model.name` registers (ConfigError otherwise)."""
+  from vidlm.models.registry import model_config_class  # noqa: PLC0415
+
+  section = model_config_class(cfg.model.name)
+  if not isinstance(cfg.model, section):
+    raise ConfigError(
+      f"config.model is a {type(cfg.model).__name__} but model.name={cfg.model.name!r} takes a {section.__name__}: "
+      f"build it with {section.__name__}(...) or set --config.model.name={cfg.model.name} (which switches the section)"
+    )
+
+
+def __getattr__(name: str):
+  # `ModelConfig` (VideoLM's section before models owned their configs) for old experiment files and notebooks;
+  # resolved lazily because the class lives in vidlm/models/video_lm.py, which imports jax
+  if name in ("ModelConfig", "VideoLMConfig"):
+    from vidlm.models.registry import model_config_class  # noqa: PLC0415
+
+    return model_config_class(DEFAULT_MODEL)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@dataclasses.dataclass
+class SparsityConfig:
+  """attention.sparsity: which kv blocks each q block computes (DESIGN section 6). Only "none" exists today."""
+
+  method: str = "none"  # none (dense); block-sparse selectors (static, moba, xattention, vmoba) are not built yet
+  block_q: int = 128  # selection block sizes (separate from the kernels' tile sizes)
+  block_kv: int = 128
+  # layers that stay dense whatever the method: layer indices ("0", "-1") or "first" / "last"
+  dense_layers: tuple[str, ...] = ()
+
+  def dense_layer_set(self, num_layers: int) -> frozenset[int]:
+    """The indices of `dense_layers` in 0..num_layers-1 (ConfigError on a bad entry)."""
+    out = set()
+    for entry in self.dense_layers:
+      e = str(entry).strip()
+      if e in ("first", "last"):
+        out.add(0 if e == "first" else num_layers - 1)
+        continue
+      try:
+        i = int(e)
+      except ValueError:
+        raise ConfigError(
+          f"config.attention.sparsity.dense_layers: {entry!r} is not a layer index or first/last"
+        ) from None
+      if not -num_layers <= i < num_layers:
+        raise ConfigError(f"config.attention.sparsity.dense_layers: layer {i} is out of range for {num_layers} layers")
+      out.add(i % num_layers)
+    return frozenset(out)
+
+
+SPARSITY_METHODS: tuple[str, ...] = ("none",)
+_REMOVED_ATTENTION_FIELDS = ("impl", "block_q", "block_kv")
+
+
+def removed_attention_field(name: str, value: Any = None) -> str:
+  """The one-line message for a field the attention section no longer has, saying what to write instead."""
+  if name in ("block_q", "block_kv"):
+    return (
+      f"config.attention.{name} was removed: it never reached the kernels, which choose their tile sizes per "
+      f"backend; block-sparse selection blocks are attention.sparsity.{name}"
+    )
+  new = {
+    "ring": "attention.kernel=auto attention.context_parallel=ring (attention.ring_layout as before)",
+    "block_sparse": "attention.kernel=flash and an attention.sparsity.method (block-sparse selectors are not built yet)",
+  }.get(value, f"attention.kernel={value}" if value in ("auto", "xla", "cudnn", "flash", "reference") else None)
+  if new is None:
+    new = "attention.kernel (auto|xla|cudnn|flash|reference) and attention.context_parallel (none|ring)"
+  return f"config.attention.impl was split into kernel / context_parallel / sparsity: instead of impl={value} write {new}"
+
+
+def translate_legacy_attention(section: dict) -> tuple[dict, list[str]]:
+  """An old config.json's attention section in today's fields, and what was changed (for a warning)."""
+  section, notes = dict(section), []
+  if "impl" in section:
+    impl = section.pop("impl")
+    if impl == "ring":
+      section.setdefault("kernel", "auto")
+      section.setdefault("context_parallel", "ring")
+    elif impl == "block_sparse":
+      raise ConfigError(removed_attention_field("impl", impl))
+    else:
+      section.setdefault("kernel", impl)
+    notes.append(f"impl={impl} -> kernel={section.get('kernel')} context_parallel={section.get('context_parallel', 'none')}")
+  for name in ("block_q", "block_kv"):
+    if name in section:
+      notes.append(f"dropped {name}={section.pop(name)} (it never reached the kernels)")
+  return section, notes
 
 
 @dataclasses.dataclass
 class AttentionConfig:
-  # reference | xla | cudnn | flash | ring | block_sparse | auto
-  impl: str = "auto"
-  # token order when impl == "ring": contiguous | zigzag | frame_striped
-  ring_layout: str = "contiguous"
-  # kernel tile sizes: flash/block_sparse need the sequence to be a multiple of them
-  block_q: int = 128
-  block_kv: int = 128
+  """Three independent choices (DESIGN section 3)."""
+
+  kernel: str = "auto"  # auto | xla | cudnn | flash | reference: the math on one block of q x kv
+  context_parallel: str = "none"  # none | ring (over the mesh's seq axis)
+  ring_layout: str = "contiguous"  # token order under context_parallel=ring: contiguous | zigzag | frame_striped
+  sparsity: SparsityConfig = dataclasses.field(default_factory=SparsityConfig)
+  # run the dense fp32 reference (with a warning) where the flash kernel cannot run a call, instead of failing
+  allow_reference_fallback: bool = False
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    # an old experiment file's `cfg.attention.impl = "ring"` would otherwise add a silent, unused attribute
+    if name in _REMOVED_ATTENTION_FIELDS:
+      raise ConfigError(removed_attention_field(name, value))
+    super().__setattr__(name, value)
 
 
 @dataclasses.dataclass
@@ -136,7 +251,7 @@ class DistributedConfig:
 @dataclasses.dataclass
 class Config:
   name: str = "unnamed"
-  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  model: ModelSection = dataclasses.field(default_factory=default_model_section)  # the model's own section
   attention: AttentionConfig = dataclasses.field(default_factory=AttentionConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -262,13 +377,28 @@ def _field_types(obj) -> dict[str, Any]:
 
 
 def apply_override(cfg: Config, dotted: str, value: str) -> None:
-  """Set `section.field` (or deeper) from a string, typed by the dataclass annotation."""
+  """Set `section.field` (or deeper) from a string, typed by the dataclass annotation.
+
+  `model.name` picks the model and so the class of the `model` section: naming another registered model replaces
+  the section with that model's defaults (`parse_overrides` puts it first, so no `model.*` override is lost).
+  """
   parts = dotted.split(".")
+  if parts == ["model", "name"]:
+    from vidlm.models.registry import model_config_class  # noqa: PLC0415
+
+    section = model_config_class(value)  # ConfigError naming the registered models
+    if type(cfg.model) is not section:
+      cfg.model = section()
+    cfg.model.name = value
+    return
   obj = cfg
   for i, name in enumerate(parts):
     where = ".".join(parts[: i + 1])
     if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-      raise ConfigError(f"config.{where}: unknown field")
+      if isinstance(obj, AttentionConfig) and name in _REMOVED_ATTENTION_FIELDS:
+        raise ConfigError(removed_attention_field(name, value))
+      of_model = f" of model {cfg.model.name!r} ({type(cfg.model).__name__})" if i == 1 and parts[0] == "model" else ""
+      raise ConfigError(f"config.{where}: unknown field{of_model}")
     if i == len(parts) - 1:
       setattr(obj, name, _coerce(value, _field_types(obj)[name], where))
     else:
@@ -293,7 +423,8 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
       value = argv[i]
     out.append((key, value))
     i += 1
-  return out
+  # model.name first: it chooses the model section that the other model.* overrides then set (stable sort)
+  return sorted(out, key=lambda kv: kv[0] != "model.name")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,51 +455,46 @@ def _check_types(obj, prefix: str) -> None:
       raise ConfigError(f"config.{where}: expected {getattr(ann, '__name__', ann)}, got {type(value).__name__} {value!r}")
 
 
-def validate(cfg: Config, num_devices: int | None = None) -> Config:
-  """Check the config for every error we can catch before touching a device. Returns cfg."""
-  from layers.attention import IMPLS  # noqa: PLC0415  (avoid importing jax at config import time)
-  from layers.scan import REMAT_POLICIES  # noqa: PLC0415
+def _validate_attention_fields(a: AttentionConfig) -> None:
+  from layers.attention import CONTEXT_PARALLEL, KERNELS  # noqa: PLC0415  (no jax at config import time)
 
+  for name in _REMOVED_ATTENTION_FIELDS:  # set around __setattr__ (e.g. object.__setattr__ or vars())
+    if name in vars(a):
+      raise ConfigError(removed_attention_field(name, vars(a)[name]))
+  if a.kernel not in KERNELS:
+    if a.kernel in ("ring", "block_sparse"):
+      raise ConfigError(removed_attention_field("impl", a.kernel).replace("impl=", "kernel=", 1))
+    raise ConfigError(f"config.attention.kernel: unknown kernel {a.kernel!r}; expected {' | '.join(KERNELS)}")
+  if a.context_parallel not in CONTEXT_PARALLEL:
+    raise ConfigError(
+      f"config.attention.context_parallel: unknown {a.context_parallel!r}; expected {' | '.join(CONTEXT_PARALLEL)}"
+    )
+  if a.sparsity.method not in SPARSITY_METHODS:
+    raise ConfigError(
+      f"config.attention.sparsity.method={a.sparsity.method!r}: block-sparse selectors are not built yet; "
+      f"only {' | '.join(SPARSITY_METHODS)} is accepted"
+    )
+  if a.sparsity.block_q < 1 or a.sparsity.block_kv < 1:
+    raise ConfigError("config.attention.sparsity.block_q/block_kv: must be positive")
+
+
+def validate(cfg: Config, num_devices: int | None = None, platform: str | None = None) -> Config:
+  """Check the config for every error we can catch before touching a device. Returns cfg.
+
+  Generic checks here and in config_checks (types, every section's values, attention names, mesh, batch sizes);
+  then the model's own `cfg.model.validate` (VideoLM: tubelet vs data shapes, dtypes, remat, ring chunks and every
+  attention call it will make). `platform` ("cpu" | "gpu" | "tpu") is where the model will run:
+  jax.default_backend() unless given.
+  """
   _check_types(cfg, "")
   from vidlm.config_checks import check_values  # noqa: PLC0415  (imports this module)
 
-  check_values(cfg)  # every non-attention field in range, before the checks below divide by them
-  m, d, a = cfg.model, cfg.data, cfg.attention
-  if a.impl not in IMPLS:
-    raise ConfigError(f"config.attention.impl: unknown attention impl {a.impl!r}; expected one of {IMPLS}")
+  check_values(cfg)  # every non-attention field in range (the model's via its section), before anything divides
+  a = cfg.attention
+  _validate_attention_fields(a)
   if a.ring_layout not in ("contiguous", "zigzag", "frame_striped"):
     raise ConfigError(
       f"config.attention.ring_layout: unknown layout {a.ring_layout!r}; expected contiguous | zigzag | frame_striped"
-    )
-  if m.dtype not in ("float32", "bfloat16") or m.param_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.model.dtype/param_dtype: expected float32 or bfloat16, got {m.dtype}/{m.param_dtype}")
-  if m.remat not in REMAT_POLICIES:
-    raise ConfigError(f"config.model.remat: unknown policy {m.remat!r}; expected {' | '.join(REMAT_POLICIES)}")
-  if m.num_heads % m.num_kv_heads:
-    raise ConfigError(f"config.model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
-  if len(m.tubelet) != 3 or min(m.tubelet) < 1:
-    raise ConfigError(f"config.model.tubelet: expected three positive ints (t, h, w), got {m.tubelet}")
-  for name, size, tub in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.tubelet):
-    if size % tub:
-      raise ConfigError(f"config.data.{name}={size} is not divisible by the tubelet size {tub} (model.tubelet)")
-  seq_len = sequence_length(cfg)
-  if a.impl in ("flash", "block_sparse"):
-    block = max(a.block_q, a.block_kv)
-    if seq_len % block:
-      raise ConfigError(
-        f"config.data.text_len: sequence length {seq_len} (video {video_tokens(cfg)} + text {d.text_len}) "
-        f"is not divisible by the attention block size {block} (attention.block_q/block_kv)"
-      )
-  if a.impl == "ring" and a.ring_layout == "frame_striped" and d.text_len and cfg.mesh.seq > 1:
-    raise ConfigError(
-      "config.attention.ring_layout: 'frame_striped' deals whole video frames and cannot hold the text that follows "
-      "the video in VideoLM; use 'zigzag' (balanced for causal masks) or 'contiguous'"
-    )
-  ring_chunks = cfg.mesh.seq * (2 if a.impl == "ring" and a.ring_layout == "zigzag" else 1)
-  if cfg.mesh.seq > 0 and seq_len % ring_chunks:
-    raise ConfigError(
-      f"config.mesh.seq: sequence length {seq_len} (video {video_tokens(cfg)} + text {d.text_len}) "
-      f"is not divisible by {ring_chunks} (mesh.seq{' x 2 for zigzag' if ring_chunks != cfg.mesh.seq else ''})"
     )
   sizes = dataclasses.asdict(cfg.mesh)
   if sum(v == -1 for v in sizes.values()) > 1:
@@ -397,6 +523,7 @@ def validate(cfg: Config, num_devices: int | None = None) -> Config:
     )
   if cfg.train.steps < 1:
     raise ConfigError(f"config.train.steps must be >= 1, got {cfg.train.steps}")
+  cfg.model.validate(cfg, num_devices=num_devices, platform=platform)
   return cfg
 
 
@@ -416,7 +543,11 @@ def to_json(cfg: Config) -> str:
 
 
 def from_dict(d: dict) -> Config:
-  """Rebuild a Config from `to_dict` output (e.g. a workdir's config.json)."""
+  """Rebuild a Config from `to_dict` output (e.g. a workdir's config.json).
+
+  A config.json written before a field existed still loads: missing sections and fields (nested ones too) take
+  their defaults. A field it has that the config no longer knows is a ConfigError naming it.
+  """
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   hints = typing.get_type_hints(Config)
   kwargs = {}
@@ -426,12 +557,29 @@ def from_dict(d: dict) -> Config:
     if name == "name":
       kwargs[name] = d[name]
       continue
-    cls = hints[name]
-    sub_hints = typing.get_type_hints(cls)
-    vals = {}
-    for k, v in d[name].items():
-      if k not in sub_hints:
-        raise ConfigError(f"config.{name}.{k}: unknown field")
-      vals[k] = tuple(v) if isinstance(v, list) else v
-    kwargs[name] = cls(**vals)
+    section = d[name]
+    if name == "model":  # the section's class is the one its model.name registers (ConfigError when unknown)
+      from vidlm.models.registry import model_config_class  # noqa: PLC0415
+
+      kwargs[name] = _section_from_dict(model_config_class(section.get("name", DEFAULT_MODEL)), section, name)
+      continue
+    if name == "attention":
+      section, notes = translate_legacy_attention(section)
+      if notes:
+        warnings.warn(f"config.json: old attention fields translated: {'; '.join(notes)}", UserWarning, stacklevel=2)
+    kwargs[name] = _section_from_dict(hints[name], section, name)
   return Config(**kwargs)
+
+
+def _section_from_dict(cls, data: dict, where: str):
+  """cls(**data) with nested dataclass sections rebuilt and JSON lists turned back into tuples."""
+  sub_hints = typing.get_type_hints(cls)
+  vals = {}
+  for k, v in data.items():
+    if k not in sub_hints:
+      raise ConfigError(f"config.{where}.{k}: unknown field")
+    if dataclasses.is_dataclass(sub_hints[k]) and isinstance(v, dict):
+      vals[k] = _section_from_dict(sub_hints[k], v, f"{where}.{k}")
+    else:
+      vals[k] = tuple(v) if isinstance(v, list) else v
+  return cls(**vals)

@@ -48,19 +48,21 @@ def test_xla_impl_matches_reference(mask):
   k, v = (jnp.asarray(rng.normal(size=(2, 48, 2, 16)), jnp.float32) for _ in range(2))
   seg = jnp.asarray(np.repeat([[0] * 20 + [1] * 28], 2, 0), jnp.int32)
   for segment_ids in (None, (seg, seg)):
-    out, lse = attention(q, k, v, mask=mask, segment_ids=segment_ids, impl="xla", return_lse=True)
+    out, lse = attention(q, k, v, mask=mask, segment_ids=segment_ids, kernel="xla", return_lse=True)
     ref_out, ref_lse = reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, return_lse=True)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda q: attention(q, k, v, mask=mask, segment_ids=segment_ids, impl="xla").sum())(q)  # noqa: B023
+    g = jax.grad(lambda q: attention(q, k, v, mask=mask, segment_ids=segment_ids, kernel="xla").sum())(q)  # noqa: B023
     g_ref = jax.grad(lambda q: reference.attention(q, k, v, mask=mask, segment_ids=segment_ids).sum())(q)  # noqa: B023
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
-def test_unknown_impl_is_rejected():
+def test_unknown_kernel_is_rejected():
   x = jnp.zeros((1, 8, 2, 8))
-  with pytest.raises(ValueError, match="attention.impl: unknown attention impl 'fast'"):
-    attention(x, x, x, impl="fast")
+  with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+    attention(x, x, x, kernel="fast")
+  with pytest.raises(ValueError, match="context_parallel=Ring"):
+    attention(x, x, x, kernel="ring")
 
 
 def _cfg(**model):
@@ -69,7 +71,7 @@ def _cfg(**model):
   cfg.model = dataclasses.replace(cfg.model, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=8,
                                   **model)
   cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.text_len = 4, 16, 16, 12
-  cfg.attention.impl = "xla"
+  cfg.attention.kernel = "xla"
   return cfg
 
 
@@ -145,6 +147,12 @@ def test_auto_impl_choice_per_platform(monkeypatch):
     "tpu": [((MaskSpec.causal(), None, False), "flash")],
     "cpu": [((MaskSpec.causal(), None, False), "xla")],
   }.items():
-    monkeypatch.setattr(attn_lib.jax, "devices", lambda p=platform: [types.SimpleNamespace(platform=p)])
     for (mask, segment_ids, lse), want in cases:
-      assert attn_lib._auto_impl(x, mask, segment_ids, None, lse) == want, (platform, mask.kind)
+      got = attn_lib.resolve_kernel(
+        "auto", platform=platform, dtype=x.dtype, mask=mask, has_segments=segment_ids is not None, return_lse=lse
+      )
+      assert got == want, (platform, mask.kind)
+  assert attn_lib.resolve_kernel("auto", platform="gpu", ring_hop=True) == "flash"
+  assert attn_lib.resolve_kernel("auto", platform="cpu", ring_hop=True) == "xla"
+  assert attn_lib.resolve_kernel("auto", platform="cpu", has_layout=True) == "flash"
+  del monkeypatch, types

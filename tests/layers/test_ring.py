@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import AxisType
 
 from layers import ring
+from layers.attention import hop_kernel
 from pallas_kernels import reference
 from pallas_kernels.layout import MaskSpec
 
@@ -56,7 +57,7 @@ def _compare(
   seed=0,
   segments=False,
   return_lse=False,
-  local_impl="xla",
+  hop=hop_kernel("xla"),
   hq=HQ,
   hkv=HKV,
   t=T,
@@ -87,7 +88,7 @@ def _compare(
       mask=mask,
       segment_ids=segp,
       token_layout=token_layout,
-      local_impl=local_impl,
+      hop=hop,
       return_lse=return_lse,
       tokens_per_frame=TPF if token_layout == "frame_striped" else None,
     )
@@ -154,7 +155,7 @@ def test_ring_switch_dispatch_for_zigzag():
   ref = jax.grad(lambda q, k, v: jnp.sum(reference.attention(q, k, v, mask=mask) * g), argnums=(0, 1, 2))(q, k, v)
 
   def loss(q, k, v):
-    o = ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", local_impl="xla", _uniform=False)
+    o = ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla"), _uniform=False)
     return jnp.sum(o * g[:, perm])
 
   with jax.set_mesh(_mesh((1, 1, 4, 1))):
@@ -172,7 +173,7 @@ def test_ring_under_remat_policy():
 
   @functools.partial(jax.checkpoint, policy=policy)
   def block(q, k, v):
-    return jnp.tanh(ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", local_impl="xla"))
+    return jnp.tanh(ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla")))
 
   def loss(q, k, v):
     return jnp.sum(jnp.arctanh(block(q, k, v)) * g[:, perm])
@@ -196,7 +197,7 @@ def test_save_attention_remat_policy_skips_the_ring_forward_recompute():
   def make_loss(policy):
     @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[policy])
     def block(w, q, k, v):
-      return jnp.tanh(ring.ring_attention(q @ w, k, v, mask=mask, token_layout="zigzag", local_impl="reference"))
+      return jnp.tanh(ring.ring_attention(q @ w, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("reference")))
 
     return lambda w, q, k, v: jnp.sum(block(w, q, k, v) * g[:, perm])
 
@@ -214,17 +215,17 @@ def test_save_attention_remat_policy_skips_the_ring_forward_recompute():
 @pytest.mark.parametrize("local_impl", ["xla", "reference"])
 def test_ring_lse_output_and_its_gradient(local_impl):
   """return_lse: lse matches and gradients flow through it; "reference" exercises the vjp-of-local backward."""
-  err = _compare((1, 1, 4, 1), "zigzag", MaskSpec.causal(), seed=5, return_lse=True, local_impl=local_impl)
+  err = _compare((1, 1, 4, 1), "zigzag", MaskSpec.causal(), seed=5, return_lse=True, hop=hop_kernel(local_impl))
   assert err < RTOL, err
   err = _compare(
-    (1, 1, 2, 1), "frame_striped", MaskSpec.frame_causal(TPF), seed=6, return_lse=True, local_impl=local_impl
+    (1, 1, 2, 1), "frame_striped", MaskSpec.frame_causal(TPF), seed=6, return_lse=True, hop=hop_kernel(local_impl)
   )
   assert err < RTOL, err
 
 
 def test_ring_with_pallas_flash_local_kernel():
-  """local_impl="flash": pallas_kernels.ops forward per hop, its backward fed with the global (out, lse)."""
-  err = _compare((1, 1, 2, 1), "zigzag", MaskSpec.causal(), seed=13, segments=True, return_lse=True, local_impl="flash")
+  """hop=hop_kernel("flash"): pallas_kernels.ops forward per hop, its backward fed with the global (out, lse)."""
+  err = _compare((1, 1, 2, 1), "zigzag", MaskSpec.causal(), seed=13, segments=True, return_lse=True, hop=hop_kernel("flash"))
   assert err < RTOL, err
 
 
@@ -235,10 +236,10 @@ def test_ring_bf16_error_no_worse_than_single_device():
   ref = reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask)
   from layers.attention import attention  # noqa: PLC0415
 
-  single = attention(q, k, v, mask=mask, impl="xla")
+  single = attention(q, k, v, mask=mask, kernel="xla")
   perm = ring.token_permutation(128, 8, "zigzag")
   with jax.set_mesh(_mesh((1, 1, 8, 1))):
-    out = jax.jit(lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", local_impl="xla"))(
+    out = jax.jit(lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla")))(
       q[:, perm], k[:, perm], v[:, perm]
     )
   e_single = _rel(single.astype(jnp.float32), ref)
@@ -249,7 +250,7 @@ def test_ring_bf16_error_no_worse_than_single_device():
 def test_ring_size_one_is_local_attention():
   q, k, v, _, _, _ = _inputs(8)
   with jax.set_mesh(_mesh((2, 1, 1, 1))):
-    out = ring.ring_attention(q, k, v, mask=MaskSpec.causal(), token_layout="zigzag", local_impl="xla")
+    out = ring.ring_attention(q, k, v, mask=MaskSpec.causal(), token_layout="zigzag", hop=hop_kernel("xla"))
   assert _rel(out, reference.attention(q, k, v, mask=MaskSpec.causal())) < RTOL
 
 
@@ -290,18 +291,19 @@ def test_zigzag_causal_plans_are_balanced_and_simple():
 
 
 def test_ring_errors_are_clear():
+  XLA = hop_kernel("xla")  # noqa: N806
   q, k, v, _, _, _ = _inputs(9)
   with pytest.raises(ValueError, match="mesh axis 'seq'"):
-    ring.ring_attention(q, k, v, mask=MaskSpec.causal())
+    ring.ring_attention(q, k, v, mask=MaskSpec.causal(), hop=XLA)
   with jax.set_mesh(_mesh((1, 1, 4, 1))):
     with pytest.raises(ValueError, match="frame_striped.*window"):
-      ring.ring_attention(q, k, v, mask=MaskSpec.window(4, 0), token_layout="frame_striped", tokens_per_frame=4)
+      ring.ring_attention(q, k, v, mask=MaskSpec.window(4, 0), token_layout="frame_striped", tokens_per_frame=4, hop=XLA)
     with pytest.raises(ValueError, match="tokens_per_frame"):
-      ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(8), token_layout="frame_striped", tokens_per_frame=4)
+      ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(8), token_layout="frame_striped", tokens_per_frame=4, hop=XLA)
     with pytest.raises(ValueError, match="zigzag"):
-      ring.ring_attention(q[:, :60], k[:, :60], v[:, :60], mask=MaskSpec.causal(), token_layout="zigzag")
-    with pytest.raises(ValueError, match="local_impl='cudnn'"):
-      ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(4), token_layout="zigzag", local_impl="cudnn")
+      ring.ring_attention(q[:, :60], k[:, :60], v[:, :60], mask=MaskSpec.causal(), token_layout="zigzag", hop=XLA)
+    with pytest.raises(ValueError, match="kernel='cudnn'"):
+      ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(4), token_layout="zigzag", hop=hop_kernel("cudnn"))
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])

@@ -331,8 +331,8 @@ def test_layers_attention_flash_and_block_sparse_end_to_end():
 
     return loss
 
-  for impl, lay in (("flash", None), ("block_sparse", layout), ("auto", layout)):
-    loss = make_loss(attention, impl=impl, layout=lay)
+  for kernel, lay in (("flash", None), ("flash", layout), ("auto", layout)):
+    loss = make_loss(attention, kernel=kernel, layout=lay)
     (_, (out, lse)), g = fast_jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
     ref = make_loss(reference.attention, layout=lay)
     (_, (ref_out, ref_lse)), rg = fast_jit(jax.value_and_grad(ref, (0, 1, 2), has_aux=True))(*f32)
@@ -416,20 +416,31 @@ def test_block_sparse_layout_edge_cases():
     ops.block_sparse_attention(q, k, v, mask=mask, layout=None)
 
 
-def test_fallbacks_warn_and_stay_correct():
+def test_unsupported_calls_raise_unless_the_reference_fallback_is_allowed():
   ops._warn_once.cache_clear()  # warnings are once per process; earlier tests may have used them up
-  # lengths no block divides: the TPU/interpret path falls back to the reference, loudly
+  # lengths no block divides: the interpret path raises naming the lengths; with the flag it runs the reference
   q, k, v = _small(7, b=1, t=201, s=203, hq=2, hkv=1)
-  with pytest.warns(UserWarning, match="falling back to the dense reference"):
-    out = ops.flash_attention(q, k, v, mask=MaskSpec.causal(), backend="interpret")
+  with pytest.raises(ops.UnsupportedCall, match=r"lengths T=201, S=203.*allow_reference_fallback"):
+    ops.flash_attention(q, k, v, mask=MaskSpec.causal(), backend="interpret")
+  with pytest.warns(UserWarning, match="running the dense fp32 reference"):
+    out = ops.flash_attention(q, k, v, mask=MaskSpec.causal(), backend="interpret", allow_reference_fallback=True)
   assert rel_max(out, reference.attention(q, k, v, mask=MaskSpec.causal())) <= 1e-6
-  # the GPU backend on fp32 inputs (unsupported by the Mosaic kernels) or without the module: reference
+  # the GPU backend on fp32 inputs (unsupported by the Mosaic kernels): the error names the dtype
   q, k, v = _small(8, b=1, t=64, s=96, hq=2, hkv=1)
+  with pytest.raises(ops.UnsupportedCall, match="dtype float32"):
+    ops.flash_attention(q, k, v, mask=MaskSpec.window(10, 3), backend="gpu")
+  assert "dtype float32" in ops.unsupported_reason(
+    jax.ShapeDtypeStruct(q.shape, q.dtype), k, v, mask=MaskSpec.causal(), backend="gpu"
+  )
   with warnings.catch_warnings(record=True) as rec:
     warnings.simplefilter("always")
-    out = ops.flash_attention(q, k, v, mask=MaskSpec.window(10, 3), backend="gpu")
+    out = ops.flash_attention(q, k, v, mask=MaskSpec.window(10, 3), backend="gpu", allow_reference_fallback=True)
   assert any("reference" in str(w.message) for w in rec)
   assert rel_max(out, reference.attention(q, k, v, mask=MaskSpec.window(10, 3))) <= 1e-6
+  # a BlockLayout on the GPU backend is named, never silently dropped
+  lay = BlockLayout.from_block_mask(np.ones((1, 1, 1, 1), bool), 64, 96)
+  qb, kb = (jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) for x in (q, k))
+  assert "BlockLayout" in ops.unsupported_reason(qb, kb, kb, mask=MaskSpec.causal(), layout=lay, backend="gpu")
   with pytest.raises(ValueError, match="backend"):
     ops.flash_attention(q, k, v, backend="cuda")
 

@@ -50,7 +50,10 @@ def test_json_round_trip():
     (lambda c: setattr(c.train, "lr", "fast"), "train.lr"),
     (lambda c: setattr(c.data, "frames", 9) or setattr(c.model, "tubelet", (2, 8, 8)), "data.frames"),
     (lambda c: setattr(c.data, "height", 36), "data.height"),
-    (lambda c: setattr(c.attention, "impl", "flash") or setattr(c.data, "text_len", 40), "block size"),
+    (lambda c: setattr(c.attention, "kernel", "cudnn"), "kernel=cudnn"),
+    (lambda c: setattr(c.attention, "kernel", "magic"), "attention.kernel"),
+    (lambda c: setattr(c.attention.sparsity, "method", "moba"), "attention.sparsity.method"),
+    (lambda c: setattr(c.attention.sparsity, "dense_layers", ("first", "x")), "attention.sparsity.dense_layers"),
     (lambda c: setattr(c.mesh, "seq", 8) or setattr(c.mesh, "data", 1) or setattr(c.data, "text_len", 44),
      "mesh.seq"),
     (lambda c: setattr(c.mesh, "data", 16), "config.mesh"),
@@ -91,3 +94,100 @@ def test_every_experiment_variant_passes_the_value_checks(spec):
 def test_unknown_variant_lists_the_known_ones():
   with pytest.raises(C.ConfigError, match=r"demo.py:big: unknown variant 'big'; known variants: smoke"):
     C.load_config(f"{DEMO}:big")
+
+
+# ---- attention: kernel / context_parallel / sparsity, and the old `impl` strings ----------------------------------
+
+_IMPL_ADVICE = {
+  "ring": "attention.kernel=auto attention.context_parallel=ring",
+  "flash": "attention.kernel=flash",
+  "xla": "attention.kernel=xla",
+  "cudnn": "attention.kernel=cudnn",
+  "reference": "attention.kernel=reference",
+  "auto": "attention.kernel=auto",
+  "block_sparse": "attention.sparsity.method",
+}
+
+
+@pytest.mark.parametrize("impl", sorted(_IMPL_ADVICE))
+def test_old_impl_strings_give_one_line_saying_what_to_write(impl):
+  for set_it in (
+    lambda c: C.apply_override(c, "attention.impl", impl),  # --config.attention.impl=...
+    lambda c: setattr(c.attention, "impl", impl),  # an old experiment file
+  ):
+    with pytest.raises(C.ConfigError) as e:
+      set_it(_valid())
+    msg = str(e.value)
+    assert "\n" not in msg and "config.attention.impl" in msg and _IMPL_ADVICE[impl] in msg, msg
+  with pytest.raises(C.ConfigError, match="never reached the kernels"):
+    C.apply_override(_valid(), "attention.block_q", "64")
+
+
+def test_old_config_json_with_impl_is_translated_with_a_warning():
+  d = dataclasses.asdict(_valid())
+  d["attention"] = {"impl": "ring", "ring_layout": "zigzag", "block_q": 128, "block_kv": 128}
+  with pytest.warns(UserWarning, match="impl=ring -> kernel=auto context_parallel=ring"):
+    cfg = C.from_dict(d)
+  a = cfg.attention
+  assert (a.kernel, a.context_parallel, a.ring_layout, a.sparsity.method) == ("auto", "ring", "zigzag", "none")
+  d["attention"] = {"impl": "block_sparse"}
+  with pytest.raises(C.ConfigError, match="sparsity"):
+    C.from_dict(d)
+
+
+def test_nested_sparsity_section_overrides_and_json():
+  cfg = _valid()
+  for key, value in C.parse_overrides(["--config.attention.sparsity.block_q=64",
+                                       "--config.attention.sparsity.dense_layers=first,-1",
+                                       "--config.attention.kernel=xla", "--config.attention.context_parallel=ring",
+                                       "--config.attention.allow_reference_fallback=true"]):
+    C.apply_override(cfg, key, value)
+  a = cfg.attention
+  assert a.sparsity.block_q == 64 and a.sparsity.dense_layers == ("first", "-1") and a.allow_reference_fallback
+  assert a.sparsity.dense_layer_set(4) == {0, 3}
+  back = C.from_dict(dataclasses.asdict(cfg))
+  assert back == cfg and isinstance(back.attention.sparsity, C.SparsityConfig)
+  with pytest.raises(C.ConfigError, match="block-sparse selectors are not built yet"):
+    C.apply_override(cfg, "attention.sparsity.method", "moba")
+    C.validate(cfg, num_devices=8)
+
+
+def _no_device(monkeypatch):
+  """Make any device query or transfer fail the test."""
+  import jax  # noqa: PLC0415
+
+  def boom(*a, **k):
+    raise AssertionError("validate touched a device")
+
+  for name in ("devices", "device_count", "default_backend", "device_put", "local_devices"):
+    monkeypatch.setattr(jax, name, boom)
+
+
+def test_validate_rejects_unrunnable_ring_hops_for_gpu_without_a_device(monkeypatch):
+  from vidlm import attention_calls  # noqa: PLC0415
+
+  cfg = C.load_config("experiments/long_context_gpu.py:ring")
+  cfg.attention.kernel = "auto"  # what the old impl=ring meant: flash hops on a GPU
+  _no_device(monkeypatch)
+  calls = attention_calls.attention_calls(cfg, num_devices=8, platform="gpu")
+  assert calls and all(c.kernel == "flash" and c.q.shape[1] % (16512 // 16) == 0 for c in calls)
+  with pytest.raises(C.ConfigError) as e:
+    C.validate(cfg, num_devices=8, platform="gpu")
+  msg = str(e.value)
+  assert "ring hop" in msg and "T=1032" in msg and "\n" not in msg, msg
+  cfg.attention.allow_reference_fallback = True  # the explicit opt-in
+  C.validate(cfg, num_devices=8, platform="gpu")
+  cfg.attention.allow_reference_fallback, cfg.attention.kernel = False, "xla"  # what the experiment file ships
+  C.validate(cfg, num_devices=8, platform="gpu")
+
+
+def test_validate_rejects_cudnn_for_the_frame_causal_mask_on_gpu(monkeypatch):
+  cfg = C.load_config("experiments/long_context_gpu.py")
+  _no_device(monkeypatch)
+  C.validate(cfg, num_devices=1, platform="gpu")  # kernel=flash: 4,224 tokens tile
+  cfg.attention.kernel = "cudnn"
+  with pytest.raises(C.ConfigError, match="frame_causal"):
+    C.validate(cfg, num_devices=1, platform="gpu")
+  cfg.attention.kernel, cfg.model.dtype = "flash", "float32"
+  with pytest.raises(C.ConfigError, match="dtype float32"):
+    C.validate(cfg, num_devices=1, platform="gpu")

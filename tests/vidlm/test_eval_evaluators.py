@@ -177,7 +177,7 @@ def test_errors_name_the_field(tmp_path):
     grid_lib.lengths(bad)
   flash = tiny_config()
   flash.data.text_len, flash.data.frames = 48, 4  # 16 video + 48 text = 64 tokens: one 64-block
-  flash.attention.impl, flash.attention.block_q, flash.attention.block_kv = "flash", 64, 64
+  flash.attention.kernel = "flash"
   flash.eval.length_multipliers = (1, 3)  # 3x = 48 + 48 = 96 tokens: not a multiple of 64
   with pytest.raises(config_lib.ConfigError, match=r"config.eval.length_multipliers: 3x"):
     grid_lib.lengths(flash)

@@ -1,5 +1,5 @@
 """Experiment configs owned by the evaluation work: they load, validate on their intended device counts, and
-every length of their evaluation grid is a valid sequence for their attention impl (kernel blocks, ring chunks)."""
+every length of their evaluation grid is a valid sequence for their attention kernel (kernel blocks, ring chunks)."""
 
 import pytest
 
@@ -31,10 +31,10 @@ def test_experiment_config_and_eval_grid_validate(spec, devices):
 
 def test_long_context_config_is_long():
   cfg = config_lib.load_config("experiments/long_context_gpu.py")
-  assert cfg.attention.impl == "flash" and 256 <= cfg.data.frames <= 1024
+  assert cfg.attention.kernel == "flash" and 256 <= cfg.data.frames <= 1024
   assert grid.lengths(cfg)[-1].tokens > 32_000
   ring = config_lib.load_config("experiments/long_context_gpu.py:ring")
-  assert ring.attention.impl == "ring" and ring.mesh.seq == -1 and ring.data.frames == 1024
+  assert ring.attention.context_parallel == "ring" and ring.mesh.seq == -1 and ring.data.frames == 1024
   with pytest.raises(ValueError, match="unknown variant"):
     config_lib.load_config("experiments/long_context_gpu.py:huge")
 

@@ -1,4 +1,4 @@
-"""impl="ring" inside VideoLM: training on meshes combining seq with fsdp / data / tensor (and remat) follows the
+"""context_parallel="ring" inside VideoLM: training on meshes combining seq with fsdp / data / tensor (and remat) follows the
 seq=1 loss curve, in training and evaluation."""
 
 import json
@@ -16,7 +16,9 @@ def _run(tmp_path, name, impl, mesh, layout="contiguous", remat="none"):
   cfg = C.load_config("experiments/demo.py:smoke")
   cfg.train.steps, cfg.train.log_every, cfg.train.progress_bar, cfg.checkpoint.every = 2, 1, False, 0
   cfg.data.num_train, cfg.data.text_len = 64, 64
-  cfg.attention.impl, cfg.attention.ring_layout, cfg.model.remat = impl, layout, remat
+  # impl "xla": one device attention with the XLA kernel; "ring": the same kernel per hop of a ring
+  cfg.attention.kernel, cfg.attention.context_parallel = "xla", "ring" if impl == "ring" else "none"
+  cfg.attention.ring_layout, cfg.model.remat = layout, remat
   cfg.mesh = C.MeshConfig(*mesh)
   trainer = Trainer(cfg, tmp_path / name)
   trainer.train()
@@ -39,7 +41,7 @@ def test_ring_training_follows_single_device_curve(tmp_path, mesh, layout, remat
 
 def test_frame_striped_with_text_is_a_config_error():
   cfg = C.load_config("experiments/demo.py")
-  cfg.attention.impl, cfg.attention.ring_layout = "ring", "frame_striped"
+  cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "frame_striped"
   cfg.mesh = C.MeshConfig(data=2, seq=4)
   with pytest.raises(C.ConfigError, match="attention.ring_layout"):
     C.validate(cfg, 8)

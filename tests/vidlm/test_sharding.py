@@ -21,7 +21,7 @@ def _cfg(shape=(1, 1, 1, 1)):
   cfg.model.embed_dim, cfg.model.mlp_dim, cfg.model.num_heads, cfg.model.num_kv_heads = 64, 128, 4, 2
   cfg.model.head_dim = 16
   cfg.data.text_len = 32
-  cfg.attention.impl = "xla"
+  cfg.attention.kernel = "xla"
   return cfg
 
 

@@ -80,18 +80,20 @@ def _single_fn(local_impl: str, causal: bool):
   from layers.attention import attention  # noqa: PLC0415
 
   mask = MaskSpec.causal() if causal else MaskSpec.bidirectional()
-  return lambda q, k, v: attention(q, k, v, mask=mask, impl=local_impl)
+  return lambda q, k, v: attention(q, k, v, mask=mask, kernel=local_impl)
 
 
 def _ring_fn(
   local_impl: str, causal: bool, layout: str, permute: bool = True, uniform: bool = True, barrier: bool = True
 ):
   from layers import ring  # noqa: PLC0415
+  from layers.attention import hop_kernel  # noqa: PLC0415
   from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
 
   mask = MaskSpec.causal() if causal else MaskSpec.bidirectional()
+  hop = hop_kernel(local_impl)
   return lambda q, k, v: ring.ring_attention(
-    q, k, v, mask=mask, token_layout=layout, local_impl=local_impl, _permute=permute, _uniform=uniform, _barrier=barrier
+    q, k, v, mask=mask, token_layout=layout, hop=hop, _permute=permute, _uniform=uniform, _barrier=barrier
   )
 
 

@@ -2,8 +2,8 @@
 
 Sequence = video tokens (tubelet patch embeddings, 3D RoPE over t/h/w) followed by text tokens (byte-level,
 1D RoPE). Video attends frame-causally (a token sees its own frame and earlier ones), text causally over
-everything before it. Logits are produced for the text positions only; the loss (vidlm/train/step.py)
-is taken on answer tokens.
+everything before it. Logits are produced for the text positions only; the loss (`VideoLM.loss`,
+vidlm/models/losses.py) is taken on answer tokens. The model's config section is `VideoLMConfig` below.
 
 With ring attention the tokens are stored in the ring layout's order (zigzag, frame-striped, ...): the
 embeddings and RoPE tables are permuted once after embedding and the text hidden states gathered back
@@ -12,6 +12,9 @@ before the head, so the mask spec keeps describing original positions.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,15 +22,91 @@ from flax import nnx
 
 from layers import rope as rope_lib
 from layers import scan
+from layers.attention import Ring
 from layers.block import DecoderBlock
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.norm import RMSNorm
 from pallas_kernels.layout import MaskSpec
 from vidlm import config as config_lib
+from vidlm.models import losses
 from vidlm.models.registry import register_model
 from vidlm.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class VideoLMConfig(config_lib.ModelSection):
+  """`config.model` for VideoLM (`vidlm.config.ModelConfig` is this class)."""
+
+  name: str = "video_lm"
+  embed_dim: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 32
+  mlp_dim: int = 512
+  vocab_size: int = 260
+  # tubelet (frames, height, width) of one video token
+  tubelet: tuple[int, int, int] = (1, 8, 8)
+  rope_theta: float = 10_000.0
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16
+  param_dtype: str = "float32"
+  # none | full | dots | dots_no_batch | save_attention  (see layers/scan.py)
+  remat: str = "none"
+  scan_layers: bool = True
+
+  def check_values(self, cfg: config_lib.Config) -> None:
+    from vidlm.config_checks import check_field as need  # noqa: PLC0415  (config_checks imports vidlm.config)
+    from vidlm.data import tokenizer  # noqa: PLC0415
+
+    m = self
+    for name in ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
+      need(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
+    need(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (RoPE rotates pairs of channels)")
+    need(m.vocab_size >= tokenizer.VOCAB_SIZE, "model.vocab_size", m.vocab_size,
+         f"must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS/SEP of the byte tokenizer)")
+    need(isinstance(m.rope_theta, int | float) and math.isfinite(m.rope_theta) and m.rope_theta > 0,
+         "model.rope_theta", m.rope_theta, "must be a positive number")
+
+  def validate(self, cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
+    """Tubelet vs data shapes, dtypes, remat, the ring's chunks of the video+text sequence, and every attention
+    call the model will make (`vidlm.attention_calls`, no device work)."""
+    from layers.scan import REMAT_POLICIES  # noqa: PLC0415
+    from vidlm.config import ConfigError, sequence_length, video_tokens  # noqa: PLC0415
+
+    m, d, a = self, cfg.data, cfg.attention
+    a.sparsity.dense_layer_set(m.num_layers)
+    if m.dtype not in ("float32", "bfloat16") or m.param_dtype not in ("float32", "bfloat16"):
+      raise ConfigError(f"config.model.dtype/param_dtype: expected float32 or bfloat16, got {m.dtype}/{m.param_dtype}")
+    if m.remat not in REMAT_POLICIES:
+      raise ConfigError(f"config.model.remat: unknown policy {m.remat!r}; expected {' | '.join(REMAT_POLICIES)}")
+    if m.num_heads % m.num_kv_heads:
+      raise ConfigError(f"config.model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
+    if len(m.tubelet) != 3 or min(m.tubelet) < 1:
+      raise ConfigError(f"config.model.tubelet: expected three positive ints (t, h, w), got {m.tubelet}")
+    for name, size, tub in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.tubelet):
+      if size % tub:
+        raise ConfigError(f"config.data.{name}={size} is not divisible by the tubelet size {tub} (model.tubelet)")
+    seq_len = sequence_length(cfg)
+    ring = a.context_parallel == "ring"
+    if ring and a.ring_layout == "frame_striped" and d.text_len and cfg.mesh.seq > 1:
+      raise ConfigError(
+        "config.attention.ring_layout: 'frame_striped' deals whole video frames and cannot hold the text that follows "
+        "the video in VideoLM; use 'zigzag' (balanced for causal masks) or 'contiguous'"
+      )
+    ring_chunks = cfg.mesh.seq * (2 if ring and a.ring_layout == "zigzag" else 1)
+    if cfg.mesh.seq > 0 and seq_len % ring_chunks:
+      raise ConfigError(
+        f"config.mesh.seq: sequence length {seq_len} (video {video_tokens(cfg)} + text {d.text_len}) "
+        f"is not divisible by {ring_chunks} (mesh.seq{' x 2 for zigzag' if ring_chunks != cfg.mesh.seq else ''})"
+      )
+    from vidlm.attention_calls import check_attention_calls  # noqa: PLC0415
+
+    check_attention_calls(cfg, num_devices=num_devices, platform=platform)  # every call the model makes, no device work
+
+  def sequence_length(self, cfg: config_lib.Config) -> int:
+    return config_lib.sequence_length(cfg)
 
 
 class VideoLM(nnx.Module):
@@ -35,7 +114,8 @@ class VideoLM(nnx.Module):
     m, a = cfg.model, cfg.attention
     self.tubelet = tuple(m.tubelet)
     self.head_dim, self.rope_theta = m.head_dim, m.rope_theta
-    self.attention_impl, self.ring_layout = a.impl, a.ring_layout
+    self.ring_layout = a.ring_layout if a.context_parallel == "ring" else None
+    context_parallel = Ring(a.ring_layout) if self.ring_layout is not None else None
     self.remat, self.scan_layers = m.remat, m.scan_layers
     dtype, param_dtype = _DTYPES[m.dtype], _DTYPES[m.param_dtype]
     self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -44,7 +124,8 @@ class VideoLM(nnx.Module):
     def make_block(r):
       return DecoderBlock(
         embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim, attention_impl=a.impl, ring_layout=a.ring_layout, dtype=dtype,
+        mlp_dim=m.mlp_dim, attention_kernel=a.kernel, context_parallel=context_parallel,
+        allow_reference_fallback=a.allow_reference_fallback, dtype=dtype,
         param_dtype=param_dtype, rngs=r,
       )
 
@@ -60,7 +141,7 @@ class VideoLM(nnx.Module):
 
   def _token_order(self, num_tokens: int, tokens_per_frame: int) -> np.ndarray | None:
     """Storage order of tokens for ring layouts (None = original order)."""
-    if self.attention_impl != "ring" or self.ring_layout == "contiguous":
+    if self.ring_layout is None or self.ring_layout == "contiguous":
       return None
     mesh = jax.sharding.get_abstract_mesh()
     ring_size = 1 if mesh is None or mesh.empty else mesh.shape.get("seq", 1)
@@ -108,14 +189,16 @@ class VideoLM(nnx.Module):
     residual = lambda y: constrain(y, ("batch", "tokens", "embed"))
     x = residual(x)
 
-    def body(block, y):
-      return block(y, rope, mask=mask, segment_ids=segment_ids, constrain=residual)
+    def body(block, carry):
+      # the layer index rides in the carry: inside the scan it is a traced int32 the selector can use
+      y, index = carry
+      return block(y, rope, mask=mask, segment_ids=segment_ids, constrain=residual, layer_index=index), index + 1
 
     if self.scan_layers:
-      x = scan.apply(self.blocks, x, body, remat=self.remat)
+      x, _ = scan.apply(self.blocks, (x, jnp.zeros((), jnp.int32)), body, remat=self.remat)
     else:
-      for block in self.blocks:
-        x = body(block, x)
+      for i, block in enumerate(self.blocks):
+        x, _ = body(block, (x, i))
 
     text_slots = num_video + np.arange(text_len)
     if order is not None:
@@ -123,7 +206,17 @@ class VideoLM(nnx.Module):
     x = self.final_norm(x[:, text_slots])
     return self.lm_head(x).astype(jnp.float32)
 
+  def loss(
+    self, batch: dict[str, jax.Array], *, per_example: bool = False
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked next-token cross-entropy on the answer tokens -> (mean loss, sums): `losses.answer_loss` on this
+    model's text logits. Reads frames, tokens, targets, loss_mask; the batch's other keys (index, cut_frames)
+    are not used by VideoLM."""
+    return losses.answer_loss(self(batch["frames"], batch["tokens"]), batch, per_example=per_example)
 
-@register_model("video_lm")
+  summarise = staticmethod(losses.summarise_answer)  # metrics from summed sums: loss, token_accuracy, exact_match
+
+
+@register_model("video_lm", config=VideoLMConfig)
 def _build(cfg: config_lib.Config, *, rngs: nnx.Rngs) -> VideoLM:
   return VideoLM(cfg, rngs=rngs)
