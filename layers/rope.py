@@ -18,14 +18,15 @@ import numpy as np
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RopeTables:
-  """cos/sin of the rotation angles, float32 [N, D/2] (shared across batch and heads)."""
+  """cos/sin of the rotation angles, float32 [N, D/2] (shared across the batch) or [B, N, D/2] (per example:
+  caches, offsets and dropped tokens give each row its own positions); shared across heads."""
 
   cos: jax.Array
   sin: jax.Array
 
   def take(self, perm) -> RopeTables:
-    """Tables for tokens stored in another order (ring layouts): row i describes token perm[i]."""
-    return RopeTables(self.cos[perm], self.sin[perm])
+    """Tables for tokens stored in another order (ring layouts): token i describes token perm[i]."""
+    return RopeTables(self.cos[..., perm, :], self.sin[..., perm, :])
 
 
 def video_text_positions(grid: tuple[int, int, int], text_len: int) -> np.ndarray:
@@ -38,26 +39,37 @@ def video_text_positions(grid: tuple[int, int, int], text_len: int) -> np.ndarra
   return np.concatenate([video, text], axis=0).astype(np.int32)
 
 
+def text_positions(start, length: int) -> jax.Array:
+  """int32 [..., length, 3] triples of 1D text positions start, start+1, ... (`start` int or int [...]): the
+  positions of text appended after a cache whose last text position is start - 1."""
+  p = jnp.asarray(start, jnp.int32)[..., None] + jnp.arange(length, dtype=jnp.int32)  # [..., length]
+  return jnp.repeat(p[..., None], 3, axis=-1)
+
+
 def tables(positions, head_dim: int, theta: float = 10_000.0) -> RopeTables:
-  """Rotation tables for int [N, 3] position triples (or [N] 1D positions)."""
+  """Rotation tables for int [N, 3] / [B, N, 3] position triples (or [N] 1D positions): [N | B,N, D/2]."""
   if head_dim % 2:
     raise ValueError(f"rope: head_dim must be even, got {head_dim}")
   positions = jnp.asarray(positions, jnp.float32)
   if positions.ndim == 1:
     positions = jnp.repeat(positions[:, None], 3, axis=1)
+  if positions.shape[-1] != 3:
+    raise ValueError(f"rope: positions must be [N, 3] or [B, N, 3] (t, h, w) triples, got {positions.shape}")
   half = head_dim // 2
   inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   axis_of_freq = jnp.arange(half) % 3
-  pos_per_freq = jnp.take(positions, axis_of_freq, axis=1)  # [N, half]
+  pos_per_freq = jnp.take(positions, axis_of_freq, axis=-1)  # [..., N, half]
   angles = pos_per_freq * inv_freq
   return RopeTables(jnp.cos(angles), jnp.sin(angles))
 
 
 def apply(x: jax.Array, rope: RopeTables) -> jax.Array:
-  """Rotate x [B, N, H, D] (rotate-half convention); math in fp32, result in x.dtype."""
+  """Rotate x [B, N, H, D] (rotate-half convention) by tables [N, D/2] or [B, N, D/2]; math in fp32, result in
+  x.dtype."""
   half = x.shape[-1] // 2
   xf = x.astype(jnp.float32)
   x1, x2 = xf[..., :half], xf[..., half:]
-  cos = rope.cos[None, :, None, :]
-  sin = rope.sin[None, :, None, :]
+  lead = (None,) if rope.cos.ndim == 2 else ()
+  cos = rope.cos[(*lead, ..., None, slice(None))]
+  sin = rope.sin[(*lead, ..., None, slice(None))]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
