@@ -157,3 +157,12 @@ def test_config_shapes_not_matching_user_records(tmp_path, field, value, stored)
   b = next(pipeline.make_iterator(Data(path=str(root), text_len=48), split="train", global_batch_size=2, seed=0,
                                   workdir=str(tmp_path), process_index=0, process_count=1))
   assert b["tokens"].shape == (2, 48) and np.all(b["tokens"][:, 32:] == T.PAD)
+
+
+def test_check_user_data_runs_the_same_checks_without_an_iterator(tmp_path):
+  root = write_user_data(tmp_path / "d", Data(), num_shards=1)
+  pipeline.check_user_data(Data(path=str(root)))  # train and eval (same records: no eval/ folder)
+  with pytest.raises(ConfigError, match=f"data.width=8 but the records in {root} have width=16"):
+    pipeline.check_user_data(Data(path=str(root), width=8))
+  pipeline.check_user_data(Data())  # generated data: nothing to check, nothing generated
+  assert not (Path("unused") / "data").exists()

@@ -15,7 +15,8 @@ plus metadata.json, the shards match the size/crc32 in metadata.json, every shar
 width/text_len fit the records. A damaged generated cache (<workdir>/data) is regenerated with a warning instead.
 
 Batch (per process, B = global_batch_size // process_count):
-  frames uint8 [B, F, H, W, 3]; tokens, targets int32 [B, L]; loss_mask float32 [B, L]; index int32 [B].
+  frames uint8 [B, F, H, W, 3]; tokens, targets int32 [B, L]; loss_mask float32 [B, L]; index int32 [B];
+  cut_frames int32 [B, F] (scene cuts padded with -1; all -1 where the record has none): `contract.model_example`.
 """
 
 import contextlib
@@ -30,11 +31,11 @@ import grain
 import numpy as np
 
 from vidlm.config import ConfigError
-from vidlm.data import procedural, records, source, tokenizer
+from vidlm.data import contract, procedural, records, source, tokenizer
 
 log = logging.getLogger(__name__)
 GENERATOR_VERSION = 3  # bump when procedural.py output changes, so cached shards are regenerated
-BATCH_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
+BATCH_KEYS = contract.BATCH_KEYS
 
 
 def generation_metadata(data_cfg, split: str) -> dict:
@@ -225,17 +226,11 @@ def _decoder(src: source.CheckedSource | source.TfdsSource, data_cfg):
       rec = _example(raw, text_len)
       if rec["frames"].shape != want:
         raise ValueError(f"frames shape {rec['frames'].shape}, config wants {want}")
+      return contract.model_example(rec)  # every array a model gets, cut_frames padded to [F]
     except Exception as e:  # garbled bytes that passed the chunk hash, or one odd record
       file, position = src.locate(index)
       source.note_skip(file, position, source.reason(e))
       return None
-    return {
-      "frames": rec["frames"],
-      "tokens": rec["tokens"],
-      "targets": rec["targets"],
-      "loss_mask": rec["loss_mask"],
-      "index": np.int32(rec.get("index", -1)),
-    }
 
   return decode
 
@@ -251,6 +246,31 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
   return process_index, process_count
 
 
+def _open(data_cfg, split: str, workdir: str | os.PathLike):
+  """(directory, source) of `split` after every up-front check (path, checksums, open, shapes)."""
+  directory = split_dir(data_cfg, split, workdir)
+  fix = _FIX_USER_DATA if data_cfg.path is not None else f"delete {directory} to regenerate it"
+  if source.is_tfds_dir(directory):
+    src = source.TfdsSource(directory, split, what=f"data.path ({split})", fix="rebuild it (vidlm data tfds-build)")
+  else:
+    src = source.CheckedSource(records.shard_paths(directory), what=f"data ({split})", fix=fix)
+  first = None
+  if len(src):
+    with contextlib.suppress(Exception):  # a bad first record is skipped later like any other
+      first = _example(src[0][1], text_len=None)
+  _check_shapes(directory, data_cfg, first)
+  return directory, src
+
+
+def check_user_data(data_cfg, splits: tuple[str, ...] = ("train", "eval")) -> None:
+  """Every up-front check of a user's data.path, without building an iterator: for config validation, so a
+  mismatch is reported before any device work. No-op for generated data (the generator makes what the config
+  says). Raises ConfigError."""
+  if data_cfg.path is not None:
+    for split in splits:
+      _open(data_cfg, split, workdir="unused")
+
+
 def make_dataset(
   data_cfg,
   *,
@@ -263,17 +283,7 @@ def make_dataset(
 ) -> grain.MapDataset:
   """This process's decoded examples as a MapDataset (before batching): shuffled and repeated for train."""
   process_index, process_count = _process_info(process_index, process_count)
-  directory = split_dir(data_cfg, split, workdir)
-  fix = _FIX_USER_DATA if data_cfg.path is not None else f"delete {directory} to regenerate it"
-  if source.is_tfds_dir(directory):
-    src = source.TfdsSource(directory, split, what=f"data.path ({split})", fix="rebuild it (vidlm data tfds-build)")
-  else:
-    src = source.CheckedSource(records.shard_paths(directory), what=f"data ({split})", fix=fix)
-  first = None
-  if len(src):
-    with contextlib.suppress(Exception):  # a bad first record is skipped later like any other
-      first = _example(src[0][1], text_len=None)
-  _check_shapes(directory, data_cfg, first)
+  _, src = _open(data_cfg, split, workdir)
   ds = grain.MapDataset.source(src)
   train = split == "train"
   if train and data_cfg.shuffle:
