@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -43,11 +44,31 @@ def _inputs(key, b, t, s, hq, hkv, d, dtype, seg: bool):
   return q, k, v, do, segment_ids
 
 
-def _check_against_reference(q, k, v, do, segment_ids, mask, cfg, interpret, grads=True, tol=1e-2, with_dlse=False):
-  d = q.shape[-1]
-  scale = d**-0.5
+def _flash_and_reference(q, k, v, do, segment_ids, dlse, *, mask, cfg, interpret, grads: bool):
+  """Kernel outputs and fp32 reference outputs for one case: ((out, lse, grads), (r_out, r_lse, r_grads)).
+
+  Pure function of arrays, so the `gpu` tests run it under ONE jit: evaluated eagerly, the reference and its
+  vjp are ~100 separate single-op XLA programs, each compiled (and its dots autotuned) on first use.
+  """
+  scale = q.shape[-1] ** -0.5
   out, lse = flash.flash_forward(q, k, v, segment_ids, mask=mask, scale=scale, interpret=interpret, config=cfg)
-  r_out, r_lse = reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=True)
+
+  def ref(q, k, v):
+    return reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=True)
+
+  if not grads:
+    return (out, lse, None), (*ref(q, k, v), None)
+  g = flash.flash_backward(
+    q, k, v, segment_ids, out, lse, do, mask=mask, scale=scale, interpret=interpret, config=cfg, dlse=dlse
+  )
+  (r_out, r_lse), vjp = jax.vjp(ref, q, k, v)
+  r_g = vjp((do, jnp.zeros(r_lse.shape, jnp.float32) if dlse is None else dlse))
+  return (out, lse, g), (r_out, r_lse, r_g)
+
+
+def _compare(q, kernel, ref, tol=1e-2):
+  """Asserts kernel outputs match the reference: out/lse values, -inf pattern, zero dead rows, dq/dk/dv."""
+  (out, lse, grads_k), (r_out, r_lse, r_grads) = kernel, ref
   assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == r_lse.shape
   assert _rel_err(out, r_out) < tol
   lse, r_lse = np.asarray(lse), np.asarray(r_lse)
@@ -57,24 +78,21 @@ def _check_against_reference(q, k, v, do, segment_ids, mask, cfg, interpret, gra
   # fully masked rows: exactly zero output
   dead = ~fin.transpose(0, 2, 1)  # [B, T, Hq]
   assert np.all(np.asarray(out, np.float32)[dead] == 0.0)
-  if not grads:
+  if grads_k is None:
     return
-  dlse = None
-  if with_dlse:  # cotangent of lse too (ring attention differentiates through it)
-    dlse = jax.random.normal(jax.random.key(q.shape[1] + 17), lse.shape)
-  grads_k = flash.flash_backward(
-    q, k, v, segment_ids, out, jnp.asarray(lse), do, mask=mask, scale=scale, interpret=interpret, config=cfg,
-    dlse=dlse,
-  )
-
-  def ref(q, k, v):
-    return reference.attention(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=True)
-
-  _, vjp = jax.vjp(ref, q, k, v)
-  cot = (do, jnp.zeros(lse.shape, jnp.float32) if dlse is None else dlse)
-  for name, g, r in zip(("dq", "dk", "dv"), grads_k, vjp(cot), strict=True):
+  for name, g, r in zip(("dq", "dk", "dv"), grads_k, r_grads, strict=True):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     assert _rel_err(g, r) < 2e-2, name
+
+
+def _check_against_reference(q, k, v, do, segment_ids, mask, cfg, interpret, grads=True, tol=1e-2, with_dlse=False):
+  dlse = None
+  if grads and with_dlse:  # cotangent of lse too (ring attention differentiates through it)
+    dlse = jax.random.normal(jax.random.key(q.shape[1] + 17), (q.shape[0], q.shape[2], q.shape[1]))
+  kernel, ref = _flash_and_reference(
+    q, k, v, do, segment_ids, dlse, mask=mask, cfg=cfg, interpret=interpret, grads=grads
+  )
+  _compare(q, kernel, ref, tol)
 
 
 _SPECS = [
@@ -108,7 +126,8 @@ def test_tile_bounds_match_tile_relation(mask):
     rel = np.broadcast_to(np.asarray(rel), (nr, nc))
     starts = jnp.arange(nr, dtype=jnp.int32) * br + row_off
     lo, flo, fhi, hi = (
-      np.broadcast_to(np.asarray(x), (nr,)) for x in flash._tile_bounds(mask, transposed, starts, starts + br - 1, col_off, bc, nc)
+      np.broadcast_to(np.asarray(x), (nr,))
+      for x in flash._tile_bounds(mask, transposed, starts, starts + br - 1, col_off, bc, nc)
     )
     j = np.arange(nc)[None, :]
     nonempty = (j >= lo[:, None]) & (j < hi[:, None])
@@ -195,23 +214,42 @@ _GPU_CASES = [
 ]
 
 
+# One XLA program per test, GEMM autotuning off: the reference's fp32 dots are ground truth, not timed, and
+# autotuning them (a fresh search for every shape) cost more than everything else in these tests. The Mosaic
+# GPU kernels are custom calls and are not autotuned either way. Timings: pallas_kernels/gpu/NOTES.md.
+_NO_AUTOTUNE = {"xla_gpu_autotune_level": 0}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", range(len(_GPU_CASES)))
 def test_gpu_matches_reference(case):
   dtype, d, hq, hkv, t, s, mask, seg = _GPU_CASES[case]
-  q, k, v, do, segment_ids = _inputs(jax.random.key(200 + case), 2, t, s, hq, hkv, d, dtype, seg)
-  _check_against_reference(q, k, v, do, segment_ids, mask, None, interpret=False, with_dlse=case % 2 == 1)
+  make = jax.jit(_inputs, static_argnums=range(1, 9))
+  q, k, v, do, segment_ids = make(jax.random.key(200 + case), 2, t, s, hq, hkv, d, dtype, seg)
+  dlse = jax.random.normal(jax.random.key(t + 17), (2, hq, t)) if case % 2 == 1 else None
+  run = jax.jit(
+    functools.partial(_flash_and_reference, mask=mask, cfg=None, interpret=False, grads=True),
+    compiler_options=_NO_AUTOTUNE,
+  )
+  kernel, ref = run(q, k, v, do, segment_ids, dlse)
+  _compare(q, kernel, ref)
 
 
 @pytest.mark.gpu
 def test_gpu_grad_through_custom_vjp():
-  q, k, v, do, _ = _inputs(jax.random.key(3), 1, 2048, 2048, 4, 1, 128, jnp.bfloat16, False)
+  q, k, v, do, _ = jax.jit(_inputs, static_argnums=range(1, 9))(
+    jax.random.key(3), 1, 2048, 2048, 4, 1, 128, jnp.bfloat16, False
+  )
   mask = MaskSpec.causal()
 
   def loss(f):
     return lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
-  g = jax.jit(jax.grad(loss(lambda q, k, v: flash.flash_attention(q, k, v, None, mask, 0.088)), (0, 1, 2)))(q, k, v)
-  r = jax.grad(loss(lambda q, k, v: reference.attention(q, k, v, mask=mask, scale=0.088)), (0, 1, 2))(q, k, v)
+  def both(q, k, v):
+    g = jax.grad(loss(lambda q, k, v: flash.flash_attention(q, k, v, None, mask, 0.088)), (0, 1, 2))(q, k, v)
+    r = jax.grad(loss(lambda q, k, v: reference.attention(q, k, v, mask=mask, scale=0.088)), (0, 1, 2))(q, k, v)
+    return g, r
+
+  g, r = jax.jit(both, compiler_options=_NO_AUTOTUNE)(q, k, v)
   for a, b in zip(g, r, strict=True):
     assert _rel_err(a, b) < 5e-2
