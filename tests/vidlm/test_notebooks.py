@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "notebooks" / "quickstart.py"
-_RUNS: dict[str, dict] = {}
+_RUNS: dict[str, dict] = {}  # where -> results, for the cross-directory comparison
+pytestmark = pytest.mark.xdist_group("notebooks")  # both runs in one worker, so the comparison always happens
 
 
 def _run(path: Path, cwd: Path) -> dict:
