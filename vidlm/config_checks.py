@@ -4,21 +4,26 @@ Types are checked by `config._check_types`; this module checks that each value i
 fractions in range, names known, the procedural data able to produce its examples (tiers, needle counts, the
 question + answer fitting `data.text_len`) and the eval split holding at least one eval batch. Each failure is a
 one-line `ConfigError` naming the field, so a bad override stops the CLI with `error: ...` instead of a traceback
-minutes into a run. (Attention fields are checked in config.py beside their dataclass.)
+minutes into a run. (Attention fields are checked in config.py beside their dataclass; a model's own fields by its
+section, `ModelSection.check_values`, in its file under vidlm/models/.)
 """
 
 from __future__ import annotations
 
 import math
 
-from vidlm.config import Config, ConfigError
+from vidlm.config import Config, ConfigError, check_model_section
 
 _NIAVH = "niavh"  # the procedural dataset; any other data.dataset needs data.path (ingested records)
 
 
 def _need(ok: bool, field: str, value, what: str) -> None:
+  """Raise `ConfigError('config.<field>=<value>: <what>')` unless `ok`."""
   if not ok:
     raise ConfigError(f"config.{field}={_show(value)}: {what}")
+
+
+check_field = _need  # the same one-line form for a model's own fields (ModelSection.check_values)
 
 
 def _show(value) -> str:
@@ -32,15 +37,10 @@ def _finite(x) -> bool:
 
 
 def check_model(cfg: Config) -> None:
-  m = cfg.model
-  for name in ("embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
-    _need(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "must be >= 1")
-  _need(m.head_dim % 2 == 0, "model.head_dim", m.head_dim, "must be even (RoPE rotates pairs of channels)")
-  from vidlm.data import tokenizer  # noqa: PLC0415
-
-  _need(m.vocab_size >= tokenizer.VOCAB_SIZE, "model.vocab_size", m.vocab_size,
-        f"must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS/SEP of the byte tokenizer)")
-  _need(_finite(m.rope_theta) and m.rope_theta > 0, "model.rope_theta", m.rope_theta, "must be a positive number")
+  """`config.model` is the section class its `model.name` registers, and the model's own range checks pass
+  (`ModelSection.check_values`: they live with the model, e.g. VideoLMConfig in vidlm/models/video_lm.py)."""
+  check_model_section(cfg)
+  cfg.model.check_values(cfg)
 
 
 def check_train(cfg: Config) -> None:
@@ -142,6 +142,8 @@ def check_eval(cfg: Config, batch_shards: int | None) -> None:
   _need(e.seeds >= 1, "eval.seeds", e.seeds, "must be >= 1")
   _need(len(e.tiers) >= 1 and all(t in procedural.TIERS for t in e.tiers), "eval.tiers", e.tiers,
         f"expected some of {','.join(procedural.TIERS)}")
+  _need(e.niavh_scoring in ("teacher_forced", "generate", "both"), "eval.niavh_scoring", e.niavh_scoring,
+        "expected teacher_forced | generate | both")
   if "niavh" in e.evaluators:  # the grid generates eval.tiers at every length, whatever data.path holds
     for mult in sorted(set(e.length_multipliers)):
       _check_procedural(cfg, tuple(e.tiers), d.frames * mult, "eval.tiers")

@@ -1,5 +1,5 @@
-"""Assembled models and a registry by name (`config.model.name`)."""
+"""Assembled models and a registry by name (`config.model.name`); each model registers itself (registry.py)."""
 
-from vidlm.models.registry import build_model, register_model
+from vidlm.models.registry import build_model, model_config_class, register_model, registered_models
 
-__all__ = ["build_model", "register_model"]
+__all__ = ["build_model", "model_config_class", "register_model", "registered_models"]

@@ -77,7 +77,7 @@ def check_config_matches_run(cfg: config_lib.Config, workdir: str | Path) -> Non
   except (OSError, json.JSONDecodeError) as e:
     raise config_lib.ConfigError(f"{path}: unreadable ({describe_error(e)}); fix or remove it") from e
   new = config_lib.to_dict(cfg)
-  fields = [("model", f.name) for f in dataclasses.fields(config_lib.ModelConfig) if f.name not in _FREE_MODEL_FIELDS]
+  fields = [("model", f.name) for f in dataclasses.fields(cfg.model) if f.name not in _FREE_MODEL_FIELDS]
   fields += [("data", name) for name in _FIXED_DATA_FIELDS]
   diffs = []
   for section, name in fields:

@@ -61,6 +61,7 @@ class Trainer:
     self.mesh = sharding.make_mesh(cfg.mesh)
     with self.activate():
       model = build_model(cfg, nnx.Rngs(cfg.train.seed))
+      self.model_type = type(model)  # its optional `summarise(sums)` turns summed eval sums into metrics
       optimizer = nnx.Optimizer(model, optim.make_optimizer(cfg.train), wrt=nnx.Param)
       self.graphdef, self.state = nnx.split((model, optimizer))
     self.schedule = optim.learning_rate_schedule(cfg.train)
@@ -72,7 +73,7 @@ class Trainer:
       out_shardings=(state_shardings, None),
     )
     self.eval_step = jax.jit(step_lib.make_eval_step(self.graphdef))
-    self.seq_len = config_lib.sequence_length(cfg)
+    self.seq_len = cfg.model.sequence_length(cfg)  # tokens per example; None: the model has none (no tokens/s)
 
   def activate(self):
     """Mesh + logical rules context under which the model's shardings resolve."""
@@ -109,7 +110,7 @@ class Trainer:
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     if totals is None:
       raise RuntimeError("evaluation: the eval split produced no batch (data.num_eval < eval.batch_size?)")
-    return {k: float(v) for k, v in step_lib.summarise(totals).items()}
+    return {k: float(v) for k, v in step_lib.summarise(totals, self.model_type).items()}
 
   def train(self) -> dict[str, float]:
     cfg, workdir = self.cfg, self.workdir
@@ -147,7 +148,7 @@ class Trainer:
     order_log = open(workdir / "data_order.jsonl", "a") if is_main else None  # noqa: SIM115
 
     stop = StopRequest().install()  # SIGTERM/SIGINT: save at the end of the step (agreed by all processes), exit
-    tokens_per_step = cfg.train.batch_size * self.seq_len
+    tokens_per_step = cfg.train.batch_size * self.seq_len if self.seq_len else None
     last = {}
     t_start, steps_timed = None, 0
     step = start
@@ -170,7 +171,9 @@ class Trainer:
           elapsed = time.perf_counter() - t_start
           rates = {}
           if steps_timed:
-            rates = {"steps_per_s": steps_timed / elapsed, "tokens_per_s": steps_timed * tokens_per_step / elapsed}
+            rates = {"steps_per_s": steps_timed / elapsed}
+            if tokens_per_step:
+              rates["tokens_per_s"] = steps_timed * tokens_per_step / elapsed
           last = {**{k: float(v) for k, v in metrics.items()}, **rates}
           if order_log is not None and "index" in batch:
             order_log.write(json.dumps({"step": step, "index": gather_to_host(batch["index"]).tolist()}) + "\n")
@@ -202,8 +205,23 @@ class Trainer:
       ckpt.close()
 
 
-_MODEL_KEYS = ("frames", "tokens", "targets", "loss_mask", "index")
-
-
 def _model_inputs(local: dict) -> dict[str, np.ndarray]:
-  return {k: local[k] for k in _MODEL_KEYS if k in local}
+  """Every array the data layer decoded, for `model.loss(batch)` (DESIGN section 5: no list of names here; a
+  model reads the keys it needs, e.g. VideoLM frames/tokens/targets/loss_mask, scene segmentation cut_frames).
+
+  One rule keeps a value out: it cannot become a device array of the batch. That is a string, bytes or Python
+  object array (numpy dtype kind U, S, O: e.g. question/answer text a data source might batch) or a value without
+  a leading batch dimension (0-d). Numeric and bool arrays [B, ...] all pass, whatever their name.
+  """
+  out = {}
+  for k, v in local.items():
+    x = np.asarray(v)
+    if x.dtype.kind in "biuf" and x.ndim >= 1:
+      out[k] = x
+    elif k not in _KEPT_OUT:
+      _KEPT_OUT.add(k)
+      log.info("batch key %r (dtype %s, shape %s) is not a device array; not passed to the model", k, x.dtype, x.shape)
+  return out
+
+
+_KEPT_OUT: set[str] = set()  # keys already reported by _model_inputs

@@ -1,7 +1,8 @@
-"""Loss and the jit'd train / eval steps over an NNX model.
+"""The jit'd train / eval steps over any registered model: they call `model.loss(batch)`.
 
 The steps take and return the flat `nnx.State` of (model, optimizer) so that one `jax.jit` with donation
-does the whole update; `nnx.merge` inside the trace costs nothing at run time.
+does the whole update; `nnx.merge` inside the trace costs nothing at run time. What a model's `loss` returns is
+the registry's contract (vidlm/models/registry.py): sums that add over micro-batches, with `loss_sum` and `weight`.
 """
 
 from __future__ import annotations
@@ -18,44 +19,41 @@ Batch = dict[str, jax.Array]
 
 
 def random_batch(data_cfg, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-  """A batch with the data layer's contract (frames, tokens, targets, loss_mask) filled with random values: for
-  benchmarks and tests that need the real step without the data pipeline. Half the text positions carry loss."""
+  """A batch with the data layer's contract (frames, tokens, targets, loss_mask, index, cut_frames) filled with
+  random values: for benchmarks and tests that need the real step without the data pipeline. Half the text
+  positions carry loss; cut_frames int32 [B, F] lists a few random cuts, padded with -1 (vidlm/data/contract.py)."""
   rng = np.random.default_rng(seed)
   d = data_cfg
   tokens = rng.integers(0, 256, (batch_size, d.text_len), dtype=np.int32)
-  return {
+  batch = {
     "frames": rng.integers(0, 256, (batch_size, d.frames, d.height, d.width, 3), dtype=np.uint8),
     "tokens": tokens,
     "targets": np.roll(tokens, -1, axis=1),
     "loss_mask": (rng.random((batch_size, d.text_len)) < 0.5).astype(np.float32),
   }
+  # drawn after the arrays above, so those stay what they were before these keys existed
+  cuts = np.full((batch_size, d.frames), -1, np.int32)
+  for row in cuts:
+    picked = np.sort(rng.choice(np.arange(1, max(d.frames, 2)), size=min(2, d.frames - 1), replace=False))
+    row[: picked.size] = picked
+  batch["index"] = np.arange(batch_size, dtype=np.int32)
+  batch["cut_frames"] = cuts
+  return batch
 
 
 def loss_fn(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Masked next-token cross-entropy on text targets (answers). Returns (mean loss, sums for metrics)."""
-  logits = model(batch["frames"], batch["tokens"])  # [B, L, V] float32
-  weights = batch["loss_mask"].astype(jnp.float32)
-  xent = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
-  # an example is exactly right when every weighted position is right (teacher-forced argmax == greedy decode)
-  example_exact = jnp.all((correct > 0) | (weights == 0), axis=-1).astype(jnp.float32)
-  sums = {
-    "loss_sum": jnp.sum(xent * weights),
-    "weight": jnp.sum(weights),
-    "correct": jnp.sum(correct * weights),
-    "exact": jnp.sum(example_exact),
-    "examples": jnp.asarray(weights.shape[0], jnp.float32),
-  }
-  return sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0), sums
+  """`model.loss(batch)` -> (mean loss, sums): kept so callers that take a function (nnx.jit, value_and_grad)
+  have one."""
+  return model.loss(batch)
 
 
-def _summarise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
-  w = jnp.maximum(sums["weight"], 1.0)
-  return {
-    "loss": sums["loss_sum"] / w,
-    "token_accuracy": sums["correct"] / w,
-    "exact_match": sums["exact"] / jnp.maximum(sums["examples"], 1.0),
-  }
+def summarise(sums: dict[str, jax.Array], model: nnx.Module | type | None = None) -> dict[str, jax.Array]:
+  """Metrics from sums added over micro-batches / batches: the model's `summarise(sums)` when it defines one,
+  else `loss` = loss_sum / max(weight, 1) (the registry's contract guarantees those two sums)."""
+  own = getattr(model, "summarise", None)
+  if own is not None:
+    return own(sums)
+  return {"loss": sums["loss_sum"] / jnp.maximum(sums["weight"], 1.0)}
 
 
 def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Callable:
@@ -68,7 +66,7 @@ def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Call
 
     def grads_of(params, mb):
       def f(p):
-        _, sums = loss_fn(nnx.merge(model_def, p, rest), mb)
+        _, sums = nnx.merge(model_def, p, rest).loss(mb)
         # sum-reduced loss so that micro-batches add up exactly; normalised once below
         return sums["loss_sum"], sums
 
@@ -89,7 +87,7 @@ def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Call
     grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
     step = optimizer.step[...]
     optimizer.update(model, grads)
-    metrics = _summarise(sums)
+    metrics = summarise(sums, model)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = schedule(step)
     return nnx.state((model, optimizer)), metrics
@@ -102,10 +100,7 @@ def make_eval_step(graphdef) -> Callable:
 
   def eval_step(state, batch):
     model, _ = nnx.merge(graphdef, state)
-    _, sums = loss_fn(model, batch)
+    _, sums = model.loss(batch)
     return sums
 
   return eval_step
-
-
-summarise = _summarise
