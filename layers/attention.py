@@ -24,6 +24,7 @@ from flax import nnx
 
 from layers import ring
 from layers import rope as rope_lib
+from layers.cache import KVCache
 from pallas_kernels import reference
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
@@ -316,6 +317,7 @@ class Attention(nnx.Module):
     context_parallel: Ring | None = None,
     selector: Selector | None = None,
     allow_reference_fallback: bool = False,
+    rope_theta: float = 10_000.0,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -327,7 +329,7 @@ class Attention(nnx.Module):
       raise ValueError(_unknown_kernel(kernel))
     self.kernel, self.context_parallel = kernel, _as_ring(context_parallel)
     self.selector = dense_selector if selector is None else selector
-    self.allow_reference_fallback, self.dtype = allow_reference_fallback, dtype
+    self.allow_reference_fallback, self.dtype, self.rope_theta = allow_reference_fallback, dtype, rope_theta
     init = nnx.initializers.lecun_normal()
 
     def dense(din, dout, names):
@@ -350,20 +352,66 @@ class Attention(nnx.Module):
   def __call__(
     self,
     x: jax.Array,
-    rope: rope_lib.RopeTables,
+    positions: jax.Array | rope_lib.RopeTables,
     *,
     mask: MaskSpec,
     segment_ids: tuple[jax.Array, jax.Array] | None = None,
     layer_index: int | jax.Array = 0,
-  ) -> jax.Array:
-    """x: [B, N, E] -> [B, N, E]. `rope` holds the per-token rotation tables for this sequence; `layer_index`
-    (an int, or the traced int32 of a scanned stack) is passed to the selector."""
+    cache: KVCache | None = None,
+    decode: bool = False,
+    cache_slots: jax.Array | None = None,
+  ) -> jax.Array | tuple[jax.Array, KVCache]:
+    """x: [B, N, E] -> [B, N, E] (and the updated cache when one is given).
+
+    positions: the tokens' true positions, int [N, 3] / [B, N, 3] (t, h, w) triples (text: (p, p, p)), or the
+      `RopeTables` of them (a model computes the tables once for all its layers); RoPE rotates by exactly these.
+    layer_index: an int, or the traced int32 of a scanned stack; passed to the selector.
+    cache: a per-layer `KVCache` whose positions / seq_index the model has recorded for these tokens.
+      decode=False (prefill): attention over this call's tokens exactly as without a cache, then their k/v are
+        written to slots [0, N) (or to `cache_slots` [N] when the tokens arrive in another order, ring layouts).
+      decode=True: one token per row (N = 1) is written at slot `cache.length` and its query attends the cache's
+        filled slots its mask rule allows (`KVCache.visible_to_next`), as segment ids over the whole cache.
+    """
+    rope = positions if isinstance(positions, rope_lib.RopeTables) else rope_lib.tables(
+      positions, self.head_dim, self.rope_theta
+    )
     q = rope_lib.apply(self.q_proj(x), rope)
     k = rope_lib.apply(self.k_proj(x), rope)
     v = self.v_proj(x)
+    if cache is not None and decode:
+      out, cache = self._decode(q, k, v, cache)
+      return self.o_proj(out), cache
     layout = self.selector(q, k, mask, layer_index)
     out = attention(
       q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, kernel=self.kernel,
       context_parallel=self.context_parallel, allow_reference_fallback=self.allow_reference_fallback,
     )
-    return self.o_proj(out)
+    if cache is None:
+      return self.o_proj(out)
+    return self.o_proj(out), cache.write_prefix(k, v, cache_slots)
+
+  def decode_kernel(self, q, k, v) -> str:
+    """The kernel a one-query decode call runs: the configured one where it can express the call (a query against
+    the whole cache with segment ids marking the visible slots), else XLA's dense path, which computes the same
+    fp32-softmax attention (the GPU flash and cuDNN kernels need long query blocks or take no segment ids; a
+    decode step is one matrix-vector product per head, memory-bound, where a dense read of the cache is the norm).
+    Never context parallel: decode reads the cache whole (a ring prefill leaves it gathered in sequence order)."""
+    name = resolve_kernel(self.kernel, dtype=q.dtype, mask=MaskSpec.bidirectional(), has_segments=True)
+    why = unsupported(
+      name, q, k, v, mask=MaskSpec.bidirectional(), has_segments=True,
+      allow_reference_fallback=self.allow_reference_fallback,
+    )
+    return name if why is None else "xla"
+
+  def _decode(self, q, k, v, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """q, k, v [B, 1, H, D]: write k/v at each row's next slot, attend q to the visible slots of the cache."""
+    if q.shape[1] != 1:
+      raise ValueError(f"Attention: decode takes one token per row, got {q.shape[1]} (prefill longer inputs)")
+    cache = cache.write_token(k, v)
+    visible = cache.visible_to_next()  # [B, S_max]
+    seg = (jnp.ones(q.shape[:2], jnp.int32), visible.astype(jnp.int32))  # q id 1 meets kv id 1 = visible
+    out = attention(
+      q, cache.k, cache.v, mask=MaskSpec.bidirectional(), segment_ids=seg,
+      kernel=self.decode_kernel(q, cache.k, cache.v), allow_reference_fallback=self.allow_reference_fallback,
+    )
+    return out, cache

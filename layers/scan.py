@@ -45,3 +45,19 @@ def apply(layers: nnx.Module, x, body: Callable, *, remat: str = "none"):
     return step(layer, carry)
 
   return run(layers, x)
+
+
+def apply_with_xs(layers: nnx.Module, carry, xs, body: Callable, *, remat: str = "none"):
+  """(carry, xs) -> (carry, ys) with `body(layer_i, carry, xs_i) -> (carry, ys_i)` over the stacked layers:
+  per-layer state that is not a weight (a KV cache stacked on axis 0) is scanned in and out beside them."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat: unknown policy {remat!r}; expected one of {tuple(REMAT_POLICIES)}")
+  step = body
+  if remat != "none":
+    step = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+  @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(layer, c, x):
+    return step(layer, c, x)
+
+  return run(layers, carry, xs)

@@ -226,6 +226,9 @@ class EvalConfig:
   seeds: int = 4
   tiers: tuple[str, ...] = ("a", "b", "c")
   batch_size: int = 8
+  # how niavh grades an answer: teacher_forced (one forward pass) | generate (greedy decoding with a KV cache) |
+  # both (headline teacher-forced, the generated score and their per-example agreement beside it)
+  niavh_scoring: str = "both"
 
 
 @dataclasses.dataclass

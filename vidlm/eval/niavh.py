@@ -5,7 +5,10 @@ Protocol (memory_streaming.md section 3, scaled to the demo): for each tier in `
 example `seed` of the "niavh" split is generated with its (first asked) needle pinned at
 round((F - needle_len) * depth). The haystack depends on (seed, length, tier) but not on the depth, so a row of
 the heat map moves one needle through one video, as in LWM's and MM-NIAVH's grids. Scoring is exact match of the
-whole answer (greedy-equivalent, see scoring.py).
+whole answer, `eval.niavh_scoring`: teacher_forced (argmax of one forward pass, greedy-equivalent, see scoring.py),
+generate (real greedy decoding with a KV cache, `vidlm.infer.generate`) or both (the default: the headline stays
+the teacher-forced score, the generated one is reported beside it under `generate`, with `agreement`, the fraction
+of examples on which the two verdicts and matched-prefix lengths agree; they should all agree).
 
 Writes `<workdir>/eval/niavh.json` and one heat map per tier, `<workdir>/eval/niavh_<tier>.png`
 (rows = depth, columns = context length, colour = exact match over seeds).
@@ -24,6 +27,13 @@ from vidlm.eval import grid, plotting
 from vidlm.eval.registry import EvalContext, register_evaluator
 
 SPLIT = "niavh"  # its own seed stream: never the train or eval split's examples
+SCORINGS = ("teacher_forced", "generate", "both")
+_SCORING_TEXT = {
+  "teacher_forced": "exact match of the whole answer (teacher-forced argmax == greedy decoding)",
+  "generate": "exact match of the whole answer by greedy decoding with a KV cache",
+  "both": "exact match of the whole answer: teacher-forced argmax (headline) and greedy decoding with a KV cache "
+  "(under 'generate'), compared example by example",
+}
 
 
 def _check_depths(depths) -> tuple[float, ...]:
@@ -34,7 +44,10 @@ def _check_depths(depths) -> tuple[float, ...]:
 
 
 # headline (a sweep table's columns): per tier, exact match at each length multiplier and over the whole grid
-@register_evaluator("niavh", headline=(("{}_{}x", "tiers.*.by_multiplier.*"), ("{}_mean", "tiers.*.mean")))
+@register_evaluator("niavh", headline=(
+  ("{}_{}x", "tiers.*.by_multiplier.*"), ("{}_mean", "tiers.*.mean"),
+  ("{}_generate_mean", "tiers.*.generate.mean"), ("{}_agreement", "tiers.*.generate.agreement"),
+))
 def evaluate(ctx: EvalContext) -> dict:
   """Returns the JSON written to niavh.json (see module docstring); accuracies are fractions in [0, 1]."""
   cfg, e = ctx.cfg, ctx.cfg.eval
@@ -42,6 +55,9 @@ def evaluate(ctx: EvalContext) -> dict:
   depths = _check_depths(e.depths)
   if e.seeds < 1:
     raise config_lib.ConfigError(f"config.eval.seeds must be >= 1, got {e.seeds}")
+  scoring = e.niavh_scoring
+  if scoring not in SCORINGS:
+    raise config_lib.ConfigError(f"config.eval.niavh_scoring: {scoring!r}; expected one of {' | '.join(SCORINGS)}")
   tiers = tuple(e.tiers)
   if not tiers:
     raise config_lib.ConfigError("config.eval.tiers: empty; expected some of a, b, c")
@@ -56,7 +72,8 @@ def evaluate(ctx: EvalContext) -> dict:
       "num_needles": cfg.data.num_needles,
       "num_asked": cfg.data.num_asked,
       "train_frames": cfg.data.frames,
-      "scoring": "exact match of the whole answer (teacher-forced argmax == greedy decoding)",
+      "scoring": _SCORING_TEXT[scoring],
+      "niavh_scoring": scoring,
     },
     "lengths": [length.as_dict() for length in lengths],
     "depths": list(depths),
@@ -65,6 +82,7 @@ def evaluate(ctx: EvalContext) -> dict:
   }
   for tier in tiers:
     acc = np.zeros((len(depths), len(lengths)))
+    gen_acc, agree = np.zeros_like(acc), np.zeros_like(acc)
     t0 = time.perf_counter()
     for j, length in enumerate(lengths):
       examples = [
@@ -72,14 +90,19 @@ def evaluate(ctx: EvalContext) -> dict:
         for depth in depths
         for s in range(e.seeds)
       ]
-      scores = ctx.scorer(examples)
-      exact = scores["exact"].reshape(len(depths), e.seeds)
-      loss = scores["loss_sum"].reshape(len(depths), e.seeds) / np.maximum(
-        scores["weight"].reshape(len(depths), e.seeds), 1.0
-      )
+      shape = (len(depths), e.seeds)
+      scores = ctx.scorer(examples) if scoring != "generate" else None
+      generated = ctx.scorer.generate(examples) if scoring != "teacher_forced" else None
+      exact = (scores or generated)["exact"].reshape(shape)
       acc[:, j] = exact.mean(axis=1)
+      if generated is not None:
+        gen_exact = generated["exact"].reshape(shape)
+        gen_acc[:, j] = gen_exact.mean(axis=1)
+      if scores is not None and generated is not None:
+        same = (scores["exact"] == generated["exact"]) & (scores["prefix"] == generated["prefix"])
+        agree[:, j] = same.reshape(shape).mean(axis=1)
       for i, depth in enumerate(depths):
-        result["cells"].append({
+        cell = {
           "tier": tier,
           "multiplier": length.multiplier,
           "frames": length.frames,
@@ -88,8 +111,15 @@ def evaluate(ctx: EvalContext) -> dict:
           "correct": int(exact[i].sum()),
           "total": int(e.seeds),
           "accuracy": float(acc[i, j]),
-          "loss": float(loss[i].mean()),
-        })
+        }
+        if scores is not None:
+          loss = scores["loss_sum"].reshape(shape) / np.maximum(scores["weight"].reshape(shape), 1.0)
+          cell["loss"] = float(loss[i].mean())
+        if generated is not None:
+          cell["generate_correct"] = int(gen_exact[i].sum())
+        if scoring == "both":
+          cell["agreement"] = float(agree[i, j])
+        result["cells"].append(cell)
     per_depth = acc.mean(axis=1)  # [depths], averaged over lengths
     heatmap_path = ctx.out_dir / f"niavh_{tier}.png"
     if ctx.is_main:
@@ -113,6 +143,13 @@ def evaluate(ctx: EvalContext) -> dict:
       "heatmap": str(heatmap_path),
       "seconds": time.perf_counter() - t0,
     }
+    if scoring == "both":  # the headline above is teacher-forced; greedy decoding's score beside it
+      result["tiers"][tier]["generate"] = {
+        "accuracy": gen_acc.tolist(),
+        "mean": float(gen_acc.mean()),
+        "by_multiplier": {str(x.multiplier): float(gen_acc[:, j].mean()) for j, x in enumerate(lengths)},
+        "agreement": float(agree.mean()),  # fraction of examples whose verdicts and matched prefixes agree
+      }
   if ctx.is_main:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / "niavh.json").write_text(json.dumps(result, indent=1))

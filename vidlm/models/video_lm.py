@@ -24,6 +24,7 @@ from layers import rope as rope_lib
 from layers import scan
 from layers.attention import Ring
 from layers.block import DecoderBlock
+from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.norm import RMSNorm
 from pallas_kernels.layout import MaskSpec
@@ -118,6 +119,7 @@ class VideoLM(nnx.Module):
     context_parallel = Ring(a.ring_layout) if self.ring_layout is not None else None
     self.remat, self.scan_layers = m.remat, m.scan_layers
     dtype, param_dtype = _DTYPES[m.dtype], _DTYPES[m.param_dtype]
+    self.num_layers, self.num_kv_heads, self.dtype = m.num_layers, m.num_kv_heads, dtype
     self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text_embed = TokenEmbed(m.vocab_size, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -125,7 +127,7 @@ class VideoLM(nnx.Module):
       return DecoderBlock(
         embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
         mlp_dim=m.mlp_dim, attention_kernel=a.kernel, context_parallel=context_parallel,
-        allow_reference_fallback=a.allow_reference_fallback, dtype=dtype,
+        allow_reference_fallback=a.allow_reference_fallback, rope_theta=m.rope_theta, dtype=dtype,
         param_dtype=param_dtype, rngs=r,
       )
 
@@ -164,21 +166,84 @@ class VideoLM(nnx.Module):
       return frames
     return constrain(frames, ("batch", "frames", None, None, None))
 
+  def _grid(self, frames_shape) -> tuple[int, int, int]:
+    _, f, h, w, _ = frames_shape
+    tt, th, tw = self.tubelet
+    return f // tt, h // th, w // tw
+
+  def positions(self, frames_shape: tuple[int, ...], text_len: int) -> np.ndarray:
+    """The default positions int32 [N, 3] of a video of `frames_shape` [B, F, H, W, 3] followed by `text_len` text
+    tokens: video (t, h, w) in raster order, then text (p, p, p) from the largest video coordinate on."""
+    return rope_lib.video_text_positions(self._grid(frames_shape), text_len)
+
   def __call__(
     self,
     frames: jax.Array,
     tokens: jax.Array,
     *,
+    positions: jax.Array | np.ndarray | None = None,
     segment_ids: tuple[jax.Array, jax.Array] | None = None,
   ) -> jax.Array:
-    """frames uint8/float [B, F, H, W, 3], tokens int32 [B, L] -> text logits float32 [B, L, V]."""
-    _, f, h, w, _ = frames.shape
-    tt, th, tw = self.tubelet
-    grid = (f // tt, h // th, w // tw)
+    """frames uint8/float [B, F, H, W, 3], tokens int32 [B, L] -> text logits float32 [B, L, V].
+
+    positions: int [N, 3] or [B, N, 3] (N = video tokens + L), the true (t, h, w) position of every token, which
+    RoPE rotates by (default `self.positions(...)`): offsets, dropped tokens and caches keep their positions."""
+    return self._forward(frames, tokens, positions=positions, segment_ids=segment_ids)[0]
+
+  def prefill(
+    self,
+    frames: jax.Array,
+    prompt: jax.Array,
+    *,
+    prompt_lengths: jax.Array | None = None,
+    max_new_tokens: int = 64,
+    positions: jax.Array | np.ndarray | None = None,
+  ) -> tuple[jax.Array, KVCache]:
+    """Run video + prompt [B, P] once and fill a fresh full KV cache: -> (text logits float32 [B, P, V], cache).
+
+    The logits are the full forward's. The cache holds video + P prompt slots + `max_new_tokens` free slots, all
+    layers stacked ([num_layers, B, S_max, Hkv, D]). `prompt_lengths` [B] (default P) marks right-padded prompts:
+    a row's next token goes to slot video + prompt_lengths[b] (its padding is overwritten, never attended)."""
+    b, p = prompt.shape
+    grid = self._grid(frames.shape)
+    num_video = grid[0] * grid[1] * grid[2]
+    n = num_video + p
+    if positions is None:
+      positions = self.positions(frames.shape, p)
+    mask = MaskSpec.frame_causal(grid[1] * grid[2], video_tokens=num_video)
+    cache = KVCache.init(
+      b, n + max_new_tokens, self.num_kv_heads, self.head_dim, num_layers=self.num_layers, dtype=self.dtype, mask=mask
+    )
+    cache = cache.record(
+      jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, n, 3)), jnp.broadcast_to(jnp.arange(n), (b, n))
+    )
+    logits, cache = self._forward(frames, prompt, positions=positions, cache=cache)
+    lengths = p if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
+    return logits, cache.advance(num_video + lengths)
+
+  def decode_step(self, token: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """token int32 [B] (or [B, 1]), appended to each row of `cache` at the next text position -> (logits float32
+    [B, V] of the token after it, cache). Attention reads the whole cache (context parallelism does not apply)."""
+    token = token.reshape(-1, 1)
+    pos = cache.next_position()[:, None]  # [B, 1, 3]
+    cache = cache.record(pos, cache.next_seq_index()[:, None])
+    rope = rope_lib.tables(pos, self.head_dim, self.rope_theta)  # [B, 1, D/2]
+    x = constrain(self.text_embed(token), ("batch", None, "embed"))
+    x, cache = self._layers(
+      x, rope, mask=cache.mask, residual=lambda y: constrain(y, ("batch", None, "embed")), cache=cache, decode=True
+    )
+    cache = cache.advance(cache.length + 1)
+    return self.lm_head(self.final_norm(x))[:, 0].astype(jnp.float32), cache
+
+  def _forward(self, frames, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """The full forward over video + text (and, given a fresh cache, its prefill): -> (text logits, cache)."""
+    grid = self._grid(frames.shape)
     num_video = grid[0] * grid[1] * grid[2]
     text_len = tokens.shape[1]
     x = jnp.concatenate([self.video_embed(self._split_frames(frames)), self.text_embed(tokens)], axis=1)  # [B, N, E]
-    rope = rope_lib.tables(rope_lib.video_text_positions(grid, text_len), self.head_dim, self.rope_theta)
+    if positions is None:
+      positions = self.positions(frames.shape, text_len)
+    rope = rope_lib.tables(positions, self.head_dim, self.rope_theta)  # [N | B,N, D/2]
     mask = MaskSpec.frame_causal(grid[1] * grid[2], video_tokens=num_video)
 
     order = self._token_order(num_video + text_len, grid[1] * grid[2])
@@ -188,23 +253,54 @@ class VideoLM(nnx.Module):
         segment_ids = tuple(s[:, order] for s in segment_ids)
     residual = lambda y: constrain(y, ("batch", "tokens", "embed"))
     x = residual(x)
-
-    def body(block, carry):
-      # the layer index rides in the carry: inside the scan it is a traced int32 the selector can use
-      y, index = carry
-      return block(y, rope, mask=mask, segment_ids=segment_ids, constrain=residual, layer_index=index), index + 1
-
-    if self.scan_layers:
-      x, _ = scan.apply(self.blocks, (x, jnp.zeros((), jnp.int32)), body, remat=self.remat)
-    else:
-      for i, block in enumerate(self.blocks):
-        x, _ = body(block, (x, i))
+    # a ring stores token i of the layout at sequence slot order[i]: the cache is written in sequence order
+    slots = None if order is None else jnp.asarray(order, jnp.int32)
+    x, cache = self._layers(x, rope, mask=mask, segment_ids=segment_ids, residual=residual, cache=cache,
+                            cache_slots=slots)
 
     text_slots = num_video + np.arange(text_len)
     if order is not None:
       text_slots = np.argsort(order)[text_slots]
     x = self.final_norm(x[:, text_slots])
-    return self.lm_head(x).astype(jnp.float32)
+    return self.lm_head(x).astype(jnp.float32), cache
+
+  def _layers(self, x, rope, *, mask, residual, segment_ids=None, cache: KVCache | None = None, decode=False,
+              cache_slots=None):
+    """The block stack on x [B, N, E] -> (x, cache): one `nnx.scan` (or a loop); a stacked cache's k/v are
+    scanned beside the weights, one layer's slice per step."""
+    if cache is None:
+
+      def body(block, carry):
+        # the layer index rides in the carry: inside the scan it is a traced int32 the selector can use
+        y, index = carry
+        return block(y, rope, mask=mask, segment_ids=segment_ids, constrain=residual, layer_index=index), index + 1
+
+      if self.scan_layers:
+        x, _ = scan.apply(self.blocks, (x, jnp.zeros((), jnp.int32)), body, remat=self.remat)
+      else:
+        for i, block in enumerate(self.blocks):
+          x, _ = body(block, (x, i))
+      return x, None
+
+    def cached_body(block, carry, kv):
+      y, index = carry
+      layer_cache = dataclasses.replace(cache, k=kv[0], v=kv[1])
+      y, layer_cache = block(
+        y, rope, mask=mask, segment_ids=segment_ids, constrain=residual, layer_index=index, cache=layer_cache,
+        decode=decode, cache_slots=cache_slots,
+      )
+      return (y, index + 1), (layer_cache.k, layer_cache.v)
+
+    if self.scan_layers:  # inference: nothing to rematerialise
+      (x, _), (k, v) = scan.apply_with_xs(self.blocks, (x, jnp.zeros((), jnp.int32)), (cache.k, cache.v), cached_body)
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        (x, _), (k_i, v_i) = cached_body(block, (x, i), (cache.k[i], cache.v[i]))
+        ks.append(k_i)
+        vs.append(v_i)
+      k, v = jnp.stack(ks), jnp.stack(vs)
+    return x, dataclasses.replace(cache, k=k, v=v)
 
   def loss(
     self, batch: dict[str, jax.Array], *, per_example: bool = False
