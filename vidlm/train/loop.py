@@ -187,8 +187,7 @@ class Trainer:
             writer.write(step, self.evaluate_loss(), prefix="eval")
           if stop.should_stop(step):  # a collective when process_count() > 1: every process calls it every step
             ckpt.save(step, self.state, data_iter, wait=True)
-            log.warning("%s; exiting", stop.describe())
-            print(stop.describe(), flush=True)
+            print(stop.describe(), flush=True)  # names the signal and the step; ends with the step number
             return {"step": step, "stopped": 1.0, "exit_code": stop.exit_code, **last}
           if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             writer.flush()  # the logs up to a checkpoint reach disk before it does (a resume keeps them)
