@@ -23,6 +23,8 @@ a variant that has it is skipped on the next run. Any other variant is (re)run: 
 newest checkpoint. A failed variant gets a row with its one-line error, and `DIR/<variant>/error.txt` holds
 that line, the command and the end of its log (the traceback); the remaining variants still run. Reusing a
 variant name with different overrides in the same DIR is refused (its checkpoints belong to the old ones).
+Variants with the same data section share one generated data cache (`DIR/.data/<hash>`, linked as
+`DIR/<variant>/data`), so the procedural splits are generated once per sweep, not once per variant.
 
 Outputs, one row per variant: `DIR/results.md`, `results.csv`, `results.json` and `results.png` with each
 evaluator's headline scalars (declared by the evaluator, `vidlm.eval.registry`), training steps/s and tokens/s
@@ -36,6 +38,8 @@ variant failed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -93,15 +97,26 @@ def variant_args(shared: list[str], overrides: dict[str, Any]) -> list[str]:
   return [*_SHARED, *shared, *(f"--config.{k}={_arg(v)}" for k, v in overrides.items())]
 
 
-def check_variant(spec: str, name: str, args: list[str]) -> None:
+def check_variant(spec: str, name: str, args: list[str]) -> config_lib.Config:
   """Apply and validate the variant's overrides in this process (no device is touched); one-line errors."""
   try:
     cfg = config_lib.load_config(spec)
     for key, value in config_lib.parse_overrides(args):
       config_lib.apply_override(cfg, key, value)
-    config_lib.validate(cfg)
+    return config_lib.validate(cfg)
   except config_lib.ConfigError as e:
     raise config_lib.ConfigError(f"sweep variant {name!r}: {e}") from None
+
+
+def share_generated_data(workdir: Path, vdir: Path, cfg: config_lib.Config) -> None:
+  """Point `<variant>/data` at `<sweep>/.data/<hash of the data section>`, so variants with the same data config
+  generate the procedural splits once (the pipeline checks a cache's metadata and regenerates a mismatch)."""
+  if cfg.data.path is not None or (vdir / "data").exists() or (vdir / "data").is_symlink():
+    return
+  key = hashlib.sha256(json.dumps(dataclasses.asdict(cfg.data), sort_keys=True).encode()).hexdigest()[:12]
+  shared = workdir / ".data" / key
+  shared.mkdir(parents=True, exist_ok=True)
+  (vdir / "data").symlink_to(os.path.relpath(shared, vdir))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,8 +234,9 @@ def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str
       raise config_lib.ConfigError(f"--variants: unknown {', '.join(unknown)}; the sweep has {', '.join(variants)}")
     variants = {n: v for n, v in variants.items() if n in only}
   plan = {name: variant_args(list(shared), overrides) for name, overrides in variants.items()}
+  configs = {}
   for name, args in plan.items():  # every error a user can fix, before any variant runs
-    check_variant(spec, name, args)
+    configs[name] = check_variant(spec, name, args)
     _check_reuse(workdir / name, name, spec, args)
   rows = []
   for i, (name, args) in enumerate(plan.items()):
@@ -232,6 +248,7 @@ def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str
     print(f"[{i + 1}/{len(plan)}] {name}: {' '.join(args[len(_SHARED):]) or '(no overrides)'}", flush=True)
     vdir.mkdir(parents=True, exist_ok=True)
     (vdir / "sweep_variant.json").write_text(json.dumps({"config": spec, "args": args}))
+    share_generated_data(workdir, vdir, configs[name])
     row = run_variant(spec, vdir, name, args)
     status = "ok" if row["status"] == "ok" else f"FAILED: {row['error']} (see {vdir / 'error.txt'})"
     print(f"[{i + 1}/{len(plan)}] {name}: {status} (train {row.get('train_s', 0)} s, eval {row.get('eval_s', 0)} s)",

@@ -1,5 +1,5 @@
-"""`vidlm sweep`: a smoke sweep end to end (two tiny variants and one that fails at run time, then a rerun that
-skips the finished ones), the up-front one-line errors, and the evaluators' headline declarations."""
+"""`vidlm sweep`: a smoke sweep end to end (a tiny variant and one that fails at run time, then a rerun that
+skips the finished one and retries the failed one), the up-front one-line errors, and the evaluators' headline declarations."""
 
 import csv
 import json
@@ -33,7 +33,6 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   variants = {
-    "lr_low": {"train.lr": 1e-4},
     "wide": {"model.mlp_dim": 96, "train.lr": 3e-3},
     "bad_mesh": {"mesh.data": 3},  # valid config, but 3 devices do not exist: fails when it runs
   }
@@ -56,18 +55,19 @@ def test_smoke_sweep_runs_records_failure_and_resumes(tmp_path, monkeypatch, cap
   assert sweep.main(["--config", spec, "--workdir", str(workdir)]) == 1  # one variant failed
 
   rows = json.loads((workdir / "results.json").read_text())["rows"]
-  assert [r["variant"] for r in rows] == ["lr_low", "wide", "bad_mesh"]
-  ok, failed = rows[:2], rows[2]
-  for row in ok:
-    assert row["status"] == "ok" and row["error"] == ""
-    assert 0.0 <= row["headline"]["loss/exact_match"] <= 1.0 and row["headline"]["loss/loss"] > 0
-    assert row["steps_per_s"] > 0 and row["tokens_per_s"] > row["steps_per_s"]
-    assert 0.05 < row["peak_host_rss_GiB"] < 64
-    assert (workdir / row["variant"] / "DONE").is_file()
-    assert json.loads((workdir / row["variant"] / "config.json").read_text())["train"]["steps"] == 3
-  # the overrides reached the runs: different learning rates give different losses
-  assert ok[0]["headline"]["loss/loss"] != ok[1]["headline"]["loss/loss"]
-  assert json.loads((workdir / "wide" / "config.json").read_text())["model"]["mlp_dim"] == 96
+  assert [r["variant"] for r in rows] == ["wide", "bad_mesh"]
+  ok, failed = rows
+  assert ok["status"] == "ok" and ok["error"] == ""
+  assert 0.0 <= ok["headline"]["loss/exact_match"] <= 1.0 and ok["headline"]["loss/loss"] > 0
+  assert ok["steps_per_s"] > 0 and ok["tokens_per_s"] > ok["steps_per_s"]
+  assert 0.05 < ok["peak_host_rss_GiB"] < 64
+  assert (workdir / "wide" / "DONE").is_file()
+  # the overrides reached the run (the experiment's own fields too)
+  run_cfg = json.loads((workdir / "wide" / "config.json").read_text())
+  assert (run_cfg["model"]["mlp_dim"], run_cfg["train"]["lr"], run_cfg["train"]["steps"]) == (96, 3e-3, 3)
+  # variants with the same data section share one generated cache
+  assert (workdir / "wide" / "data").resolve() == (workdir / "bad_mesh" / "data").resolve()
+  assert (workdir / "wide" / "data" / "train").is_dir()
   assert failed["status"] == "failed" and "config.mesh" in failed["error"] and "3 devices" in failed["error"]
   assert not (workdir / "bad_mesh" / "DONE").exists()
   error_txt = (workdir / "bad_mesh" / "error.txt").read_text()
@@ -78,25 +78,26 @@ def test_smoke_sweep_runs_records_failure_and_resumes(tmp_path, monkeypatch, cap
   assert "| bad_mesh | failed |" in table and failed["error"] in table
   with open(workdir / "results.csv") as f:
     csv_rows = list(csv.DictReader(f))
-  assert [r["variant"] for r in csv_rows] == ["lr_low", "wide", "bad_mesh"]
-  assert float(csv_rows[1]["loss/loss"]) == pytest.approx(ok[1]["headline"]["loss/loss"])
+  assert [r["variant"] for r in csv_rows] == ["wide", "bad_mesh"]
+  assert float(csv_rows[0]["loss/loss"]) == pytest.approx(ok["headline"]["loss/loss"])
   assert (workdir / "results.png").stat().st_size > 5000
 
-  # rerun: the finished variants are skipped (their rows come back unchanged), the failed one runs again
-  done_before = {n: (workdir / n / "DONE").stat().st_mtime_ns for n in ("lr_low", "wide")}
+  # rerun: the finished variant is skipped (its row comes back unchanged), the failed one runs again
+  done_before = (workdir / "wide" / "DONE").stat().st_mtime_ns
+  (workdir / "bad_mesh" / "error.txt").write_text("stale")
   capsys.readouterr()
   assert sweep.main(["--config", spec, "--workdir", str(workdir)]) == 1
   out = capsys.readouterr().out
-  assert "lr_low: finished earlier, skipped" in out and "wide: finished earlier, skipped" in out
-  assert "bad_mesh: FAILED" in out
-  assert {n: (workdir / n / "DONE").stat().st_mtime_ns for n in done_before} == done_before
+  assert "wide: finished earlier, skipped" in out and "bad_mesh: FAILED" in out
+  assert (workdir / "wide" / "DONE").stat().st_mtime_ns == done_before
   rerun = json.loads((workdir / "results.json").read_text())["rows"]
-  assert [r["headline"] for r in rerun[:2]] == [r["headline"] for r in ok]
-  assert "| lr_low | ok (earlier run) |" in (workdir / "results.md").read_text()
+  assert rerun[0]["headline"] == ok["headline"] and rerun[1]["error"] == failed["error"]
+  assert (workdir / "bad_mesh" / "error.txt").read_text().splitlines()[0] == failed["error"]
+  assert "| wide | ok (earlier run) |" in (workdir / "results.md").read_text()
 
   # the same name with other overrides would reuse the old run's checkpoints: refused, nothing runs
-  changed = EXPERIMENT.replace('"train.lr": 1e-4', '"train.lr": 2e-4')
-  with pytest.raises(ConfigError, match=r"sweep variant 'lr_low': .* remove .* or rename the variant"):
+  changed = EXPERIMENT.replace('"train.lr": 3e-3', '"train.lr": 2e-3')
+  with pytest.raises(ConfigError, match=r"sweep variant 'wide': .* remove .* or rename the variant"):
     sweep.sweep(_experiment(tmp_path, changed), workdir)
 
 
