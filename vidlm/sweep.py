@@ -152,6 +152,20 @@ def _error_line(log_text: str, code: int) -> str:
   return lines[-1] if lines else f"exit code {code}"
 
 
+def _stopped_early(log_text: str) -> str | None:
+  """`vidlm train` exits 0 after a SIGTERM (preemption) with a checkpoint before train.steps: not finished."""
+  for line in reversed(log_text.splitlines()):
+    if line.startswith('{"final"'):
+      try:
+        final = json.loads(line)["final"]
+      except (json.JSONDecodeError, KeyError):
+        return None
+      if final.get("stopped"):
+        return f"stopped by a signal at step {final.get('step')} (checkpoint saved; rerun the sweep to resume)"
+      return None
+  return None
+
+
 def _metrics(vdir: Path) -> dict[str, float]:
   """Last logged training throughput (metrics.jsonl, written by the train loop)."""
   out = {}
@@ -190,9 +204,11 @@ def run_variant(spec: str, vdir: Path, name: str, args: list[str]) -> dict:
     if mem_file.is_file():
       peak = json.loads(mem_file.read_text()).get("peak_bytes_in_use")
       device_peak = peak if device_peak is None or (peak or 0) > device_peak else device_peak
-    if code != 0:
-      log_text = (vdir / f"{phase}.log").read_text(errors="replace")
-      row.update(status="failed", error=f"{phase}: {_error_line(log_text, code)}")
+    log_text = (vdir / f"{phase}.log").read_text(errors="replace")
+    stopped = code == 0 and phase == "train" and _stopped_early(log_text)
+    if code != 0 or stopped:
+      reason = stopped or _error_line(log_text, code)
+      row.update(status="failed", error=f"{phase}: {reason}")
       (vdir / "error.txt").write_text(
         f"{row['error']}\n\nexit code {code}; log: {vdir / f'{phase}.log'}\n\n{log_text[-20000:]}"
       )

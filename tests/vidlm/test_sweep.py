@@ -141,3 +141,13 @@ def test_builtin_evaluators_declare_headlines():
   ppl = {"lengths": [{"multiplier": 1, "loss": 0.1}, {"multiplier": 2, "loss": 2.5}]}
   assert headline_scalars("ppl_vs_length", ppl) == {"ppl_vs_length/loss_1x": 0.1, "ppl_vs_length/loss_2x": 2.5}
   assert headline_scalars("loss", {"loss": 0.2, "exact_match": 1.0}) == {"loss/loss": 0.2, "loss/exact_match": 1.0}
+
+
+def test_failure_lines_name_the_cause():
+  assert sweep._error_line("loading\nerror: config.mesh: needs 3 devices\n", 2) == "config.mesh: needs 3 devices"
+  assert sweep._error_line("Traceback (most recent call last):\n  File 'x'\nValueError: boom\n", 1) == "ValueError: boom"
+  assert sweep._error_line("", -9) == "killed by signal 9 (out of memory?)"
+  # `vidlm train` exits 0 after SIGTERM with a checkpoint: the variant did not finish and gets no DONE
+  stopped = '{"final": {"step": 5, "stopped": 1.0}, "processes": 1, "devices": 1}\n'
+  assert "stopped by a signal at step 5" in sweep._stopped_early(stopped)
+  assert sweep._stopped_early('{"final": {"step": 120}, "processes": 1, "devices": 1}\n') is None
