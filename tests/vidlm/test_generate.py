@@ -113,3 +113,60 @@ def test_generate_is_greedy_and_stops_at_eos():
     assert np.all(np.asarray(stop.tokens[b, want:]) == 256)  # PAD after EOS
   with pytest.raises(ValueError, match="max_new_tokens"):
     generate(model, frames, prompt, 0)
+
+
+def test_ring_prefill_then_decode_on_the_gathered_cache():
+  """context_parallel=ring (zigzag over seq=2): the prefill runs the ring and writes the cache in sequence order;
+  decode reads the whole cache. Logits equal the ring model's full forward."""
+  cfg = tiny_config("xla", mesh=(1, 1, 2, 1))
+  cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "zigzag"
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:2])
+  frames, tokens = _inputs(3)
+  tokens = jnp.concatenate([tokens, tokens[:, :2]], axis=1)  # 12 text tokens: 8 + 12 tokens split in 4 chunks
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    model = build_model(cfg, nnx.Rngs(0))
+    full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens)
+    prefill = nnx.jit(lambda m, f, p: m.prefill(f, p, max_new_tokens=8))
+    decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+    logits, cache = prefill(model, frames, tokens[:, :PROMPT])  # 8 + 4 tokens: 4 zigzag chunks of 3
+    rows = [logits]
+    for i in range(PROMPT, 12):
+      step_logits, cache = decode(model, tokens[:, i], cache)
+      rows.append(step_logits[:, None])
+  np.testing.assert_allclose(jnp.concatenate(rows, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_niavh_scoring_by_generation_agrees_with_teacher_forcing(tmp_path):
+  """Scorer.generate (real greedy decoding) and the teacher-forced Scorer give the same verdict and the same
+  matched-prefix length per example; on examples whose answer is the model's own greedy output the prefix is
+  long, so the agreement is not only at the first token."""
+  from vidlm.data import tokenizer
+  from vidlm.eval import grid
+  from vidlm.eval.scoring import Scorer
+  from vidlm.train.loop import Trainer
+
+  cfg = tiny_config("xla", mesh=(-1, 1, 1, 1))  # batch over the 8 devices
+  cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.text_len = 4, 32, 32, 32
+  cfg.model.tubelet = (1, 16, 16)
+  cfg.data.num_train = cfg.data.num_eval = 8
+  cfg.train.batch_size = cfg.eval.batch_size = 8
+  trainer = Trainer(cfg, tmp_path)
+  scorer = Scorer(trainer)
+  examples = [grid.example(cfg, "niavh", s, frames=4, tier="a", depth=0.5) for s in range(10)]  # 2 batches
+  tf, gen = scorer(examples), scorer.generate(examples)
+  np.testing.assert_array_equal(gen["exact"], tf["exact"])
+  np.testing.assert_array_equal(gen["prefix"], tf["prefix"])
+  # teach the model's own greedy continuation (3 tokens, then EOS): the first 3 answer tokens are right either way
+  own = []
+  for ex in examples:
+    tokens = np.asarray(ex["tokens"])
+    plen = int(np.flatnonzero(tokens == tokenizer.SEP)[0]) + 1
+    with trainer.activate():
+      g = generate(trainer.model, jnp.asarray(ex["frames"])[None], jnp.asarray(tokens[:plen])[None], 3, eos_id=-1)
+    new = np.full_like(tokens, tokenizer.PAD)
+    new[:plen], new[plen : plen + 3], new[plen + 3] = tokens[:plen], np.asarray(g.tokens[0]), tokenizer.EOS
+    own.append({**ex, **tokenizer.arrays_from_tokens(new)})
+  tf, gen = scorer(own), scorer.generate(own)
+  np.testing.assert_array_equal(gen["prefix"], tf["prefix"])
+  np.testing.assert_array_equal(gen["exact"], tf["exact"])
+  assert tf["prefix"].min() >= 1 and tf["prefix"].mean() > 2  # (a token equal to EOS ends an answer early)
