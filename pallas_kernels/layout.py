@@ -6,7 +6,7 @@ use `tile_relation` to skip tiles that are fully masked (and to drop the mask ma
 fully visible). Only `reference.py` and tests call `dense()`.
 
 Positions. Query row i sits at position `q_offset + i`, key column j at `kv_offset + j`. A ring hop
-expresses its shifted mask purely through these offsets (see layers/ring.py).
+expresses its shifted mask purely through these offsets (see layers/ring/plans.py).
 
 Kinds:
   causal          kv_pos <= q_pos

@@ -73,7 +73,7 @@ def attention_calls(
     return [AttentionCall(f"{layers} self-attention [{n_tokens} x {n_tokens}]", *shapes(n_tokens, n_tokens), mask, kernel)]
   kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask, ring_hop=True)
   group = tpf if a.ring_layout == "frame_striped" else 1
-  plans, table, _ = ring_lib._build_plans(mask, n_tokens, n, a.ring_layout, group)
+  plans, table, _ = ring_lib.build_plans(mask, n_tokens, n, a.ring_layout, group)
   calls, seen = [], set()
   for t, row in enumerate(table):
     for r, plan_id in enumerate(row):

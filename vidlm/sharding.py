@@ -2,8 +2,9 @@
 
 Mesh axes are always ("data", "fsdp", "seq", "tensor"). Weights carry logical names
 (`nnx.with_partitioning`) and activations are constrained with `constrain(x, names)`; both resolve through
-`RULES`. Weights are FSDP-sharded over ("fsdp", "seq") so that ring (context-parallel) devices also hold
-weight shards; activations keep their tokens on "seq" and batch on ("data", "fsdp").
+`RULES`, defined in `layers.partitioning` (where ring attention reads it too) and re-exported here. Weights are
+FSDP-sharded over ("fsdp", "seq") so that ring (context-parallel) devices also hold weight shards; activations
+keep their tokens on "seq" and batch on ("data", "fsdp").
 """
 
 from __future__ import annotations
@@ -12,26 +13,8 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from layers.partitioning import AXES, RULES, logical_to_spec  # the one rules table (re-exported here)
 from vidlm.config import ConfigError, MeshConfig, resolve_mesh_shape
-
-AXES = ("data", "fsdp", "seq", "tensor")
-
-# logical name -> mesh axis / axes / None. The one table.
-RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-  ("batch", ("data", "fsdp")),
-  ("tokens", "seq"),
-  ("frames", "seq"),  # input video frames: split like the tokens they become
-  ("embed", ("fsdp", "seq")),  # weights' model dim: FSDP over fsdp x seq
-  ("heads", "tensor"),
-  ("kv_heads", "tensor"),
-  ("head_dim", None),
-  ("mlp", "tensor"),
-  ("vocab", "tensor"),
-  ("memory", None),
-  ("layers", None),
-  ("patch", None),
-)
-_RULES = dict(RULES)
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
@@ -41,26 +24,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
   if shape[0] * shape[1] * shape[2] * shape[3] != len(devices):
     raise ConfigError(f"config.mesh: {dict(zip(AXES, shape))} needs {shape} devices but {len(devices)} exist")
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-
-
-def logical_to_spec(names: tuple[str | None, ...]) -> P:
-  """PartitionSpec for logical names. A mesh axis already used by an earlier dim is dropped, so an
-  activation [batch, tokens, embed] becomes P(("data","fsdp"), "seq", None) while a weight [embed, mlp]
-  becomes P(("fsdp","seq"), "tensor")."""
-  used: set[str] = set()
-  spec = []
-  for name in names:
-    if name is None:
-      spec.append(None)
-      continue
-    if name not in _RULES:
-      raise KeyError(f"sharding: unknown logical axis {name!r}; known: {sorted(_RULES)}")
-    axes = _RULES[name]
-    axes = (axes,) if isinstance(axes, str) else (axes or ())
-    free = tuple(a for a in axes if a not in used)
-    used.update(free)
-    spec.append(free if len(free) > 1 else (free[0] if free else None))
-  return P(*spec)
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
@@ -95,3 +58,6 @@ def describe(state) -> str:
     spec = getattr(getattr(leaf, "sharding", None), "spec", None)
     rows.append(f"{jax.tree_util.keystr(path):<70} {str(tuple(leaf.shape)):<22} {spec}")
   return "\n".join(rows)
+
+
+__all__ = ["AXES", "RULES", "batch_sharding", "constrain", "describe", "input_sharding", "logical_to_spec", "make_mesh"]

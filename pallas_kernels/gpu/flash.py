@@ -8,9 +8,9 @@ Design (FlashAttention-3 style, arXiv 2407.08608):
     while the other's GEMM occupies the tensor cores.
   * Masks are never materialised. Every `MaskSpec` kind is a band `lower(q) <= k <= upper(q)` with
     non-decreasing bounds, so for a block of rows the visible kv tiles form one contiguous range, and the tiles
-    that are FULL (no mask math) form a contiguous sub-range. `_tile_bounds` computes those ranges with
-    scalar arithmetic inside the kernel; its classification equals `MaskSpec.tile_relation` (checked
-    exhaustively in tests). EMPTY tiles are never loaded or computed; PARTIAL tiles evaluate
+    that are FULL (no mask math) form a contiguous sub-range. `pallas_kernels.tile_schedule.tile_bounds`
+    (shared with the TPU kernels) computes those ranges with scalar arithmetic inside the kernel; its
+    classification equals `MaskSpec.tile_relation` (checked exhaustively in tests). EMPTY tiles are never loaded or computed; PARTIAL tiles evaluate
     `MaskSpec.allowed` on the tile's positions (the `tile_allowed` predicate) plus segment-id equality.
   * GQA: K/V are indexed by `q_head // group`; the dK/dV kernel loops over the group's query heads and
     reduces in registers, so neither K/V nor dK/dV are ever repeated per query head.
@@ -32,11 +32,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import tile_schedule
 from pallas_kernels.layout import MaskSpec
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
-_BIG = 1 << 30  # stands in for +-infinity in integer position arithmetic
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _HEAD_DIMS = (64, 128, 256)
 
@@ -77,83 +77,8 @@ def default_config(head_dim: int) -> FlashConfig:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Mask bands and tile ranges
+# Per-element mask of a PARTIAL tile (tile ranges: pallas_kernels.tile_schedule)
 # ------------------------------------------------------------------------------------------------------
-
-
-def _div(a, b: int):
-  """Floor division for non-negative int32 scalars (lax.div truncates, equal here)."""
-  return lax.div(a, jnp.int32(b))
-
-
-def _band(mask: MaskSpec, transposed: bool):
-  """(lower, upper) position functions: row r sees columns c with lower(r) <= c <= upper(r).
-
-  Rows are query positions (forward, dQ) or key positions (`transposed`, dK/dV). Both functions are
-  non-decreasing, which is what makes visible tiles contiguous. Positions are absolute (offsets added).
-  """
-  big = jnp.int32(_BIG)
-  neg = jnp.int32(-_BIG)
-  kind = mask.kind
-  if kind == "bidirectional":
-    return (lambda r: neg), (lambda r: big)
-  if kind == "causal":
-    if transposed:  # key k is seen by queries q >= k
-      return (lambda r: r), (lambda r: big)
-    return (lambda r: neg), (lambda r: r)
-  if kind == "frame_causal":
-    tpf, nv = mask.tokens_per_frame, mask.video_tokens
-
-    def frame_start(p):
-      s = _div(p, tpf) * tpf
-      return s if nv is None else jnp.where(p < nv, s, p)
-
-    def frame_last(p):
-      e = (_div(p, tpf) + 1) * tpf - 1
-      return e if nv is None else jnp.where(p < nv, e, p)
-
-    if transposed:  # key k is seen by every query from the start of k's frame on
-      return frame_start, (lambda r: big)
-    return (lambda r: neg), frame_last
-  # window: q - left <= k <= q + right  <=>  k - right <= q <= k + left
-  lo_w, hi_w = (mask.right, mask.left) if transposed else (mask.left, mask.right)
-  lower = (lambda r: neg) if lo_w is None else (lambda r: r - lo_w)
-  upper = (lambda r: big) if hi_w is None else (lambda r: r + hi_w)
-  return lower, upper
-
-
-def _tile_bounds(mask: MaskSpec, transposed: bool, row_lo, row_hi, col_offset: int, block_col: int, n_col: int):
-  """Column-tile ranges for rows [row_lo, row_hi] (absolute positions, inclusive).
-
-  Returns int32 scalars (lo, full_lo, full_hi, hi) with lo <= full_lo <= full_hi <= hi: tiles in [lo, hi) are
-  not EMPTY, tiles in [full_lo, full_hi) are FULL. Column tile j covers positions col_offset + j*block_col + [0,
-  block_col). Works on traced scalars (inside kernels) and on concrete arrays (tests).
-  """
-  lower, upper = _band(mask, transposed)
-  zero = jnp.int32(0)
-  a_lo = lower(row_lo) - col_offset  # first visible column of the first row
-  a_hi = lower(row_hi) - col_offset
-  b_lo = upper(row_lo) - col_offset
-  b_hi = upper(row_hi) - col_offset  # last visible column of the last row
-  lo = jnp.minimum(_div(jnp.maximum(a_lo, zero), block_col), n_col)
-  hi = jnp.where(b_hi < 0, zero, jnp.minimum(_div(jnp.maximum(b_hi, zero), block_col) + 1, n_col))
-  hi = jnp.maximum(hi, lo)
-  full_lo = _div(jnp.maximum(a_hi, zero) + block_col - 1, block_col)
-  full_lo = jnp.clip(full_lo, lo, hi)
-  full_hi = jnp.where(b_lo + 1 < 0, zero, _div(jnp.maximum(b_lo + 1, zero), block_col))
-  full_hi = jnp.clip(full_hi, full_lo, hi)
-  return lo, full_lo, full_hi, hi
-
-
-def _nest(bounds, outer):
-  """Clamp a warpgroup's ranges into the CTA's [LO, HI) so the skip regions are well formed."""
-  lo_o, hi_o = outer
-  lo, flo, fhi, hi = bounds
-  lo = jnp.clip(lo, lo_o, hi_o)
-  hi = jnp.clip(hi, lo, hi_o)
-  flo = jnp.clip(flo, lo, hi)
-  fhi = jnp.clip(fhi, flo, hi)
-  return lo, flo, fhi, hi
 
 
 def _element_mask(mask: MaskSpec, transposed: bool, row_pos, col_pos):
@@ -282,7 +207,7 @@ def flash_forward(q, k, v, segment_ids, *, mask: MaskSpec, scale: float, interpr
     kv_h = lax.div(h, jnp.int32(group))
     cta_q0 = qt * (2 * bq)
     # CTA-wide visible range: the producer loads exactly these tiles
-    u_lo, _, _, u_hi = _tile_bounds(
+    u_lo, _, _, u_hi = tile_schedule.tile_bounds(
       mask, False, mask.q_offset + cta_q0, mask.q_offset + cta_q0 + 2 * bq - 1, mask.kv_offset, bk, nk
     )
     n_steps = u_hi - u_lo
@@ -301,12 +226,12 @@ def flash_forward(q, k, v, segment_ids, *, mask: MaskSpec, scale: float, interpr
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), h], qo_smem, q_bar.at[wg])
       if has_seg:
         plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qs_smem2.at[wg], qs_bar.at[wg])
-      lo, flo, fhi, hi = _tile_bounds(
+      lo, flo, fhi, hi = tile_schedule.tile_bounds(
         mask, False, mask.q_offset + q0, mask.q_offset + q0 + bq - 1, mask.kv_offset, bk, nk
       )
       if has_seg:  # segment ids can mask inside any tile
         flo = fhi = hi
-      lo, flo, fhi, hi = _nest((lo, flo, fhi, hi), (u_lo, u_hi))
+      lo, flo, fhi, hi = tile_schedule.nest((lo, flo, fhi, hi), (u_lo, u_hi))
       plgpu.barrier_wait(q_bar.at[wg])
       q_seg = None
       if has_seg:
@@ -535,7 +460,7 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
     wg = lax.axis_index("wg")
     kv_h = lax.div(h, jnp.int32(group))
     cta_q0 = qt * (cw * bq)
-    u_lo, _, _, u_hi = _tile_bounds(
+    u_lo, _, _, u_hi = tile_schedule.tile_bounds(
       mask, False, mask.q_offset + cta_q0, mask.q_offset + cta_q0 + cw * bq - 1, mask.kv_offset, bk, nk
     )
     n_steps = u_hi - u_lo
@@ -554,12 +479,12 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
       plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(q0, bq)], dl_smem2.at[wg], rbars[3])
       if has_seg:
         plgpu.copy_gmem_to_smem(qs_ref.at[bi, pl.ds(q0, bq)], qs_smem2.at[wg], rbars[4])
-      lo, flo, fhi, hi = _tile_bounds(
+      lo, flo, fhi, hi = tile_schedule.tile_bounds(
         mask, False, mask.q_offset + q0, mask.q_offset + q0 + bq - 1, mask.kv_offset, bk, nk
       )
       if has_seg:
         flo = fhi = hi
-      lo, flo, fhi, hi = _nest((lo, flo, fhi, hi), (u_lo, u_hi))
+      lo, flo, fhi, hi = tile_schedule.nest((lo, flo, fhi, hi), (u_lo, u_hi))
       for rb in rbars:
         plgpu.barrier_wait(rb)
       lse2 = plgpu.load(lse_smem2.at[wg], layout=red1)
@@ -711,7 +636,7 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
     kt = lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
     cta_k0 = kt * (cw * bk)
-    u_lo, _, _, u_hi = _tile_bounds(
+    u_lo, _, _, u_hi = tile_schedule.tile_bounds(
       mask, True, tmask_kv_off + cta_k0, tmask_kv_off + cta_k0 + cw * bk - 1, tmask_q_off, bq, nq
     )
     n_t = u_hi - u_lo  # q tiles per head
@@ -729,12 +654,12 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
       plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem, rbars[1])
       if has_seg:
         plgpu.copy_gmem_to_smem(ks_ref.at[bi, pl.ds(k0, bk)], ks_smem2.at[wg], rbars[2])
-      lo, flo, fhi, hi = _tile_bounds(
+      lo, flo, fhi, hi = tile_schedule.tile_bounds(
         mask, True, tmask_kv_off + k0, tmask_kv_off + k0 + bk - 1, tmask_q_off, bq, nq
       )
       if has_seg:
         flo = fhi = hi
-      lo, flo, fhi, hi = _nest((lo, flo, fhi, hi), (u_lo, u_hi))
+      lo, flo, fhi, hi = tile_schedule.nest((lo, flo, fhi, hi), (u_lo, u_hi))
       for rb in rbars:
         plgpu.barrier_wait(rb)
       kv_seg = plgpu.load(ks_smem2.at[wg], layout=red1) if has_seg else None

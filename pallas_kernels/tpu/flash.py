@@ -4,9 +4,10 @@ One kernel family serves dense masks and block-sparse layouts. The kv blocks tha
 dK/dV, the q blocks that a kv block visits) form a *schedule* handed to the kernel by scalar prefetch:
 
   range schedule  (no layout)  per major block a contiguous [start, start + count) run of minor blocks,
-                  computed on the host from `MaskSpec.tile_relation`. Every mask kind is a band, so the
-                  non-empty tiles of a row (and of a column) are contiguous; the grid's minor extent is the
-                  longest run (grid shrinking), so EMPTY tiles are neither computed nor DMA'd. Metadata is
+                  computed on the host by `pallas_kernels.tile_schedule.range_table` (the mask -> tile
+                  schedule the GPU kernels share). Every mask kind is a band, so the non-empty tiles of a
+                  row (and of a column) are contiguous; the grid's minor extent is the longest run (grid
+                  shrinking), so EMPTY tiles are neither computed nor DMA'd. Metadata and host work are
                   O(T / block), fine at a million tokens.
   list schedule   (BlockLayout) per (batch, head, major block) the listed minor blocks, compacted on device
                   (unlisted, duplicate and mask-EMPTY entries dropped, ascending order); padding repeats the
@@ -39,12 +40,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import ManualAxisType
 
+from pallas_kernels import tile_schedule
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation
 
 LANES = 128  # row statistics live lane-replicated in VMEM scratch, as the TPU vector layout wants
@@ -132,37 +133,8 @@ class _Sched:
     return arr_ref[row * self.width + j]
 
 
-@functools.lru_cache(maxsize=256)
-def _range_tables(mask: MaskSpec, n_rows: int, n_cols: int, b_row: int, b_col: int, transposed: bool):
-  """Host-side [start, count) per row of non-EMPTY tiles (rows = q blocks, or kv blocks when transposed).
-
-  Cached: at a million tokens this scans (T / block)^2 tiles on the host, once per (mask, shape).
-  """
-  start = np.zeros(n_rows, np.int32)
-  count = np.zeros(n_rows, np.int32)
-  chunk = max(1, (1 << 22) // max(n_cols, 1))  # bound host memory at long lengths
-  cols = np.arange(n_cols)[None, :] * b_col
-  for r0 in range(0, n_rows, chunk):
-    rows = np.arange(r0, min(n_rows, r0 + chunk))[:, None] * b_row
-    if transposed:
-      rel = mask.tile_relation(cols, rows, b_col, b_row)
-    else:
-      rel = mask.tile_relation(rows, cols, b_row, b_col)
-    ne = np.broadcast_to(np.asarray(rel) != _EMPTY, (rows.shape[0], n_cols))
-    cnt = ne.sum(-1)
-    first = np.argmax(ne, axis=-1)
-    last = n_cols - 1 - np.argmax(ne[:, ::-1], axis=-1)
-    if np.any((cnt > 0) & (last - first + 1 != cnt)):
-      raise AssertionError(f"MaskSpec {mask}: non-empty tiles of a row are not contiguous")
-    start[r0 : r0 + len(cnt)] = np.where(cnt > 0, first, 0)
-    count[r0 : r0 + len(cnt)] = cnt
-  start.setflags(write=False)
-  count.setflags(write=False)
-  return start, count
-
-
 def _range_sched(mask: MaskSpec, n_rows, n_cols, b_row, b_col, transposed):
-  start, count = _range_tables(mask, n_rows, n_cols, b_row, b_col, transposed)
+  start, count = tile_schedule.range_table(mask, n_rows, n_cols, b_row, b_col, transposed)
   width = max(int(count.max()) if n_rows else 1, 1)
   return _Sched("range", n_rows, width), (jnp.asarray(start), jnp.asarray(count))
 

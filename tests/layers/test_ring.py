@@ -1,4 +1,4 @@
-"""Ring attention (layers/ring.py) against the single-device fp32 reference on 8 fake CPU devices.
+"""Ring attention (layers/ring/) against the single-device fp32 reference on 8 fake CPU devices.
 
 Every check runs the reference on the ORIGINAL sequence, permutes its outputs/gradients into the ring's token
 layout and compares with ring_attention on the permuted sequence: forward output and dq/dk/dv, fp32,
@@ -8,6 +8,7 @@ relative error ~1e-5. Errors are recorded per ring size and must not grow with t
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from layers import ring
+from layers import partitioning, ring
 from layers.attention import hop_kernel
+from layers.ring import api as ring_api
+from layers.ring import vjp as ring_vjp
 from pallas_kernels import reference
 from pallas_kernels.layout import MaskSpec
 
@@ -225,7 +228,9 @@ def test_ring_lse_output_and_its_gradient(local_impl):
 
 def test_ring_with_pallas_flash_local_kernel():
   """hop=hop_kernel("flash"): pallas_kernels.ops forward per hop, its backward fed with the global (out, lse)."""
-  err = _compare((1, 1, 2, 1), "zigzag", MaskSpec.causal(), seed=13, segments=True, return_lse=True, hop=hop_kernel("flash"))
+  err = _compare(
+    (1, 1, 2, 1), "zigzag", MaskSpec.causal(), seed=13, segments=True, return_lse=True, hop=hop_kernel("flash")
+  )
   assert err < RTOL, err
 
 
@@ -239,9 +244,9 @@ def test_ring_bf16_error_no_worse_than_single_device():
   single = attention(q, k, v, mask=mask, kernel="xla")
   perm = ring.token_permutation(128, 8, "zigzag")
   with jax.set_mesh(_mesh((1, 1, 8, 1))):
-    out = jax.jit(lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla")))(
-      q[:, perm], k[:, perm], v[:, perm]
-    )
+    out = jax.jit(
+      lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla"))
+    )(q[:, perm], k[:, perm], v[:, perm])
   e_single = _rel(single.astype(jnp.float32), ref)
   e_ring = _rel(out.astype(jnp.float32), ref[:, perm])
   assert e_ring < 2e-2 and e_ring <= 1.5 * e_single + 1e-3, (e_ring, e_single)
@@ -270,7 +275,7 @@ def test_zigzag_causal_plans_are_balanced_and_simple():
   """Zigzag under causal: every hop is one call of half a block's work, plain causal or unmasked (cuDNN-able)."""
   n, t = 4, 64
   c = t // n
-  plans, table, uniform = ring._build_plans(MaskSpec.causal(), t, n, "zigzag", 1)
+  plans, table, uniform = ring.build_plans(MaskSpec.causal(), t, n, "zigzag", 1)
   for row in table:
     for pid in row:
       (call,) = plans[pid]
@@ -284,7 +289,7 @@ def test_zigzag_causal_plans_are_balanced_and_simple():
   for hop in uniform[1:]:
     assert [(u.tq, u.tk, u.mask.kind) for u in hop] == [(c // 2, c // 2, "bidirectional")] * 2
   # contiguous: device N-1 computes every hop, device 0 only the first
-  plans, table, uniform = ring._build_plans(MaskSpec.causal(), t, n, "contiguous", 1)
+  plans, table, uniform = ring.build_plans(MaskSpec.causal(), t, n, "contiguous", 1)
   assert uniform == (None,) * n
   assert [plans[table[h][0]] for h in range(1, n)] == [()] * (n - 1)
   assert all(len(plans[table[h][n - 1]]) == 1 for h in range(n))
@@ -297,9 +302,13 @@ def test_ring_errors_are_clear():
     ring.ring_attention(q, k, v, mask=MaskSpec.causal(), hop=XLA)
   with jax.set_mesh(_mesh((1, 1, 4, 1))):
     with pytest.raises(ValueError, match="frame_striped.*window"):
-      ring.ring_attention(q, k, v, mask=MaskSpec.window(4, 0), token_layout="frame_striped", tokens_per_frame=4, hop=XLA)
+      ring.ring_attention(
+        q, k, v, mask=MaskSpec.window(4, 0), token_layout="frame_striped", tokens_per_frame=4, hop=XLA
+      )
     with pytest.raises(ValueError, match="tokens_per_frame"):
-      ring.ring_attention(q, k, v, mask=MaskSpec.frame_causal(8), token_layout="frame_striped", tokens_per_frame=4, hop=XLA)
+      ring.ring_attention(
+        q, k, v, mask=MaskSpec.frame_causal(8), token_layout="frame_striped", tokens_per_frame=4, hop=XLA
+      )
     with pytest.raises(ValueError, match="zigzag"):
       ring.ring_attention(q[:, :60], k[:, :60], v[:, :60], mask=MaskSpec.causal(), token_layout="zigzag", hop=XLA)
     with pytest.raises(ValueError, match="kernel='cudnn'"):
@@ -311,7 +320,50 @@ def test_backward_pack_roundtrip(dtype):
   """K/V and the fp32 dK/dV accumulator travel as one bit-cast buffer in the backward: lossless."""
   kv = jax.random.normal(jax.random.key(0), (2, 1, 8, 2, 16), dtype)
   dkv = jax.random.normal(jax.random.key(1), (2, 1, 8, 2, 16), jnp.float32)
-  kv2, dkv2 = ring._unpack(ring._pack(kv, dkv), kv.dtype)
+  kv2, dkv2 = ring_vjp._unpack(ring_vjp._pack(kv, dkv), kv.dtype)
   assert kv2.dtype == kv.dtype and dkv2.dtype == jnp.float32
   assert np.array_equal(np.asarray(kv2, np.float32), np.asarray(kv, np.float32))
   assert np.array_equal(np.asarray(dkv2), np.asarray(dkv))
+
+
+def test_ring_mesh_axes_come_from_the_rules_table(monkeypatch):
+  """Batch / head axes follow the rules table (as far as they divide); the ring axis defaults to its 'tokens' axis."""
+  mesh = _mesh((1, 2, 2, 2))
+  assert ring_api._ring_axis() == "seq"
+  assert ring_api._mesh_axes(mesh, "seq", 2, 4, 2) == (("data", "fsdp"), "tensor")
+  assert ring_api._mesh_axes(mesh, "seq", 1, 4, 1) == (("data",), None)  # fsdp / tensor do not divide
+  rules = dict(partitioning.RULES) | {"batch": ("tensor", "data"), "heads": None, "kv_heads": None, "tokens": "fsdp"}
+  monkeypatch.setattr(partitioning, "_RULES", rules)
+  assert ring_api._ring_axis() == "fsdp"
+  assert ring_api._mesh_axes(mesh, "fsdp", 2, 4, 2) == (("tensor",), None)
+  monkeypatch.setattr(partitioning, "_RULES", rules | {"kv_heads": "tensor"})
+  with pytest.raises(ValueError, match="kv_heads"):
+    ring_api._mesh_axes(mesh, "fsdp", 2, 4, 2)
+  monkeypatch.setattr(partitioning, "_RULES", rules | {"tokens": ("seq", "fsdp")})
+  with pytest.raises(ValueError, match="exactly one mesh axis"):
+    ring_api._ring_axis()
+
+
+def test_ring_runs_over_the_rules_tables_tokens_axis(monkeypatch):
+  """With 'tokens' mapped to fsdp, ring_attention (no axis_name) rotates K/V over fsdp and stays exact."""
+  rules = dict(partitioning.RULES) | {"batch": ("data",), "tokens": "fsdp"}
+  monkeypatch.setattr(partitioning, "_RULES", rules)
+  q, k, v, _, _, _ = _inputs(3)
+  mask = MaskSpec.causal()
+  perm = ring.token_permutation(T, 4, "zigzag")
+  want = reference.attention(q, k, v, mask=mask)[:, perm]
+  fn = jax.jit(lambda q, k, v: ring.ring_attention(q, k, v, mask=mask, token_layout="zigzag", hop=hop_kernel("xla")))
+  with jax.set_mesh(_mesh((1, 4, 1, 2))):  # seq has one device: without the table the ring would not rotate
+    args = (q[:, perm], k[:, perm], v[:, perm])
+    assert "collective_permute" in fn.lower(*args).as_text()
+    out = fn(*args)
+  assert _rel(out, want) < RTOL
+
+
+def test_ring_package_hard_codes_no_mesh_axis():
+  """Mesh axis names reach the ring only through the rules table (layers.partitioning) or the caller."""
+  src = {f.name: f.read_text() for f in Path(ring.__file__).parent.glob("*.py")}
+  assert {"api.py", "hops.py", "layouts.py", "plans.py", "vjp.py"} <= set(src)
+  for name, text in src.items():
+    for axis in partitioning.AXES:
+      assert f'"{axis}"' not in text and f"'{axis}'" not in text, f"layers/ring/{name} names mesh axis {axis!r}"

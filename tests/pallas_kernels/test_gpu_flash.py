@@ -1,7 +1,6 @@
 """Mosaic GPU flash attention: tile-range logic, interpret-mode parity, CUDA cross-lowering, GPU parity.
 
-* Tile ranges (`_tile_bounds`) must classify tiles exactly like `MaskSpec.tile_relation`: checked on every
-  tile of random specs (forward and transposed for dK/dV).
+* Tile ranges: the kernels use pallas_kernels/tile_schedule.py, tested in test_tile_schedule.py.
 * Interpret mode (`plgpu.InterpretGPUParams`) runs the real kernels (TMA, barriers, warpgroups) on CPU; only
   the register-operand wgmma is replaced by a dot there (see `flash._acc_mm`). Tiny shapes: it is slow.
 * Cross-lowering to CUDA on CPU catches layout/dtype/shape errors of the real Mosaic GPU path.
@@ -11,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +18,7 @@ import pytest
 
 from pallas_kernels import reference
 from pallas_kernels.gpu import flash
-from pallas_kernels.layout import MaskSpec, TileRelation
+from pallas_kernels.layout import MaskSpec
 
 
 def _rel_err(a, b) -> float:
@@ -93,47 +91,6 @@ def _check_against_reference(q, k, v, do, segment_ids, mask, cfg, interpret, gra
     q, k, v, do, segment_ids, dlse, mask=mask, cfg=cfg, interpret=interpret, grads=grads
   )
   _compare(q, kernel, ref, tol)
-
-
-_SPECS = [
-  MaskSpec.causal(),
-  MaskSpec.bidirectional(),
-  MaskSpec.frame_causal(48),
-  MaskSpec.frame_causal(32, video_tokens=96),
-  MaskSpec.window(70, 20),
-  MaskSpec.window(None, 5),
-  MaskSpec.window(30, None),
-  MaskSpec.causal().shifted(64, 0),
-  MaskSpec.causal().shifted(0, 100),
-  MaskSpec.frame_causal(16, 64).shifted(200, 72),
-  MaskSpec.window(10, 3).shifted(37, 211),
-]
-
-
-@pytest.mark.parametrize("mask", _SPECS, ids=lambda m: f"{m.kind}-{m.q_offset}-{m.kv_offset}")
-def test_tile_bounds_match_tile_relation(mask):
-  t, s = 512, 768
-  for transposed, (br, bc) in itertools.product((False, True), ((64, 128), (128, 64), (64, 64))):
-    rows, cols = (s, t) if transposed else (t, s)
-    row_off, col_off = (mask.kv_offset, mask.q_offset) if transposed else (mask.q_offset, mask.kv_offset)
-    nr, nc = rows // br, cols // bc
-    r0 = np.arange(nr)[:, None] * br
-    c0 = np.arange(nc)[None, :] * bc
-    if transposed:
-      rel = mask.tile_relation(c0, r0, bc, br)
-    else:
-      rel = mask.tile_relation(r0, c0, br, bc)
-    rel = np.broadcast_to(np.asarray(rel), (nr, nc))
-    starts = jnp.arange(nr, dtype=jnp.int32) * br + row_off
-    lo, flo, fhi, hi = (
-      np.broadcast_to(np.asarray(x), (nr,))
-      for x in flash._tile_bounds(mask, transposed, starts, starts + br - 1, col_off, bc, nc)
-    )
-    j = np.arange(nc)[None, :]
-    nonempty = (j >= lo[:, None]) & (j < hi[:, None])
-    full = (j >= flo[:, None]) & (j < fhi[:, None])
-    np.testing.assert_array_equal(nonempty, rel != TileRelation.EMPTY, err_msg=f"transposed={transposed}")
-    np.testing.assert_array_equal(full, rel == TileRelation.FULL, err_msg=f"transposed={transposed}")
 
 
 def test_supports():
