@@ -1,0 +1,77 @@
+"""`xattention`: antidiagonal block scoring at stride S, cumulative threshold tau (mit-han-lab/x-attention).
+
+Estimator: every S-th group of S keys is flattened into one wide key [S * D] and the queries likewise with their
+phase reversed, so one product sums each S x S sub-tile of q.k along its antidiagonal (1/S of the logits'
+FLOPs). A softmax over the strided logits (scale 1 / (sqrt(D) * S), masked at strided granularity) gives
+probabilities that are summed per kv block and over the query heads of a GQA group: one score per
+(q block, kv block) and kv head.
+Selection per q-block row: blocks by descending score, keep the shortest prefix whose mass reaches tau of the
+row's total, at most `max_kv_blocks` (static shapes); block 0 (sink) and the q block's own (diagonal) blocks are
+always kept. Width: max_kv_blocks + 1 + own blocks.
+Memory: the estimator runs one q block at a time (`lax.map`), so its largest array is
+[B, Hkv, G, block_q / S, S_len / S]; nothing of size T x S_len or nQ x S_len / S exists at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from layers.sparse import common
+from pallas_kernels.layout import MaskSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class XAttentionSelector(common.Selector):
+  stride: int = 8  # S: antidiagonal sampling stride (divides block_q and block_kv)
+  tau: float = 0.9  # cumulative mass kept per q-block row
+  max_kv_blocks: int = 16  # static cap on the selected blocks per q block (besides sink and diagonal)
+
+  def lists(self, q, k, mask: MaskSpec, layer_index) -> tuple[jax.Array, jax.Array]:
+    del layer_index
+    bq, bk, st = self.block_q, self.block_kv, self.stride
+    if bq % st or bk % st:
+      raise ValueError(
+        f"attention.sparsity.stride={st} must divide block_q={bq} and block_kv={bk} (xattention scores S x S sub-tiles)"
+      )
+    b, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    g, n_q, n_k, r, c = hq // hkv, t // bq, s // bk, bq // st, s // st
+    # wide queries (phase reversed) and keys: [B, T/S, Hq, S*D], [B, S_len/S, Hkv, S*D]
+    q_w = jnp.swapaxes(q.reshape(b, t // st, st, hq, d)[:, :, ::-1], 2, 3).reshape(b, n_q, r, hkv, g, st * d)
+    k_w = jnp.swapaxes(k.reshape(b, c, st, hkv, d), 2, 3).reshape(b, c, hkv, st * d)
+    q_w = jnp.moveaxis(q_w, 1, 0)  # [nQ, B, r, Hkv, G, S*D]
+    scale = d**-0.5 / st
+    diag_idx, diag_ok = common.diagonal_candidates(n_q, n_k, bq, bk)
+    m = min(self.max_kv_blocks, n_k)
+    col_first = jnp.arange(c, dtype=jnp.int32) * st
+
+    def one_block(args):
+      qi, qb = args  # q block index, its wide queries [B, r, Hkv, G, S*D]
+      logits = jnp.einsum(
+        "brkgx,bckx->bkgrc", qb.astype(jnp.float32), k_w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+      ) * scale
+      row_last = qi * bq + jnp.arange(r, dtype=jnp.int32) * st + st - 1
+      # a strided cell is visible when its most permissive element is (exact for the monotone mask kinds)
+      vis = mask.allowed(mask.q_offset + row_last[:, None], mask.kv_offset + col_first[None, :])  # [r, c]
+      logits = jnp.where(vis, logits, -jnp.inf)
+      mx = jnp.max(logits, axis=-1, keepdims=True)
+      p = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))
+      p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+      score = p.sum(axis=(2, 3)).reshape(b, hkv, n_k, bk // st).sum(-1)  # [B, Hkv, nK]
+      visible = common.tile_visible(mask, qi, jnp.arange(n_k, dtype=jnp.int32), bq, bk)
+      score = jnp.where(visible, score, -1.0)
+      top_val, top_idx = jax.lax.top_k(score, m)  # descending
+      total = jnp.sum(jnp.maximum(score, 0.0), axis=-1, keepdims=True)
+      before = jnp.cumsum(jnp.maximum(top_val, 0.0), axis=-1) - jnp.maximum(top_val, 0.0)
+      keep = (before < self.tau * total) & (top_val >= 0.0)
+      forced = jnp.concatenate([jnp.zeros((1,), jnp.int32), diag_idx[qi]])
+      forced_ok = jnp.concatenate([visible[0:1], diag_ok[qi]]) & common.tile_visible(mask, qi, forced, bq, bk)
+      idx = jnp.concatenate([top_idx, jnp.broadcast_to(forced, (b, hkv, forced.size))], axis=-1)
+      ok = jnp.concatenate([keep, jnp.broadcast_to(forced_ok, (b, hkv, forced.size))], axis=-1)
+      return common.compact(idx, ok, n_k)
+
+    idx, cnt = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), q_w))  # [nQ, B, Hkv, W], [nQ, B, Hkv]
+    return jnp.moveaxis(idx, 0, 2), jnp.moveaxis(cnt, 0, 2)
