@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.layout import MaskSpec
+from pallas_kernels.layout import BlockLayout, MaskSpec
 from vidlm import config as config_lib
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -31,6 +31,7 @@ class AttentionCall:
   kernel: str
   has_segments: bool = False
   return_lse: bool = False
+  layout: BlockLayout | None = None  # abstract (ShapeDtypeStruct leaves) when attention.sparsity selects blocks
 
 
 def _ring_size(cfg: config_lib.Config, num_devices: int | None) -> int | None:
@@ -69,8 +70,12 @@ def attention_calls(
   if n is None:
     return []
   if n == 1:
-    kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask)
-    return [AttentionCall(f"{layers} self-attention [{n_tokens} x {n_tokens}]", *shapes(n_tokens, n_tokens), mask, kernel)]
+    layout = _abstract_layout(cfg, n_tokens)
+    kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask, has_layout=layout is not None)
+    where = f"{layers} self-attention [{n_tokens} x {n_tokens}]"
+    if layout is not None:
+      where += f" with a {a.sparsity.method} BlockLayout"
+    return [AttentionCall(where, *shapes(n_tokens, n_tokens), mask, kernel, layout=layout)]
   kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask, ring_hop=True)
   group = tpf if a.ring_layout == "frame_striped" else 1
   plans, table, _ = ring_lib.build_plans(mask, n_tokens, n, a.ring_layout, group)
@@ -108,7 +113,7 @@ def unsupported_calls(
           reason = str(e)
     else:
       reason = attention_lib.unsupported(
-        call.kernel, call.q, call.k, call.k, return_lse=call.return_lse,
+        call.kernel, call.q, call.k, call.k, return_lse=call.return_lse, layout=call.layout,
         allow_reference_fallback=a.allow_reference_fallback, **kw,
       )
     if reason is not None:
@@ -120,6 +125,7 @@ def check_attention_calls(
   cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None
 ) -> None:
   """ConfigError (one line) naming the first call no kernel can run, how many there are, and what to change."""
+  check_sparsity_shapes(cfg)
   bad = unsupported_calls(cfg, num_devices=num_devices, platform=platform)
   if not bad:
     return
@@ -129,3 +135,39 @@ def check_attention_calls(
     f"config.attention.kernel={cfg.attention.kernel}: {call.where} cannot run: {reason}{more}; choose another "
     "attention.kernel, change the lengths, or set attention.allow_reference_fallback=true for the dense reference"
   )
+
+
+def _abstract_layout(cfg: config_lib.Config, n_tokens: int) -> BlockLayout | None:
+  """The shape of the layout the sparsity selector hands every sparse layer (None when the model is dense)."""
+  sp = cfg.attention.sparsity
+  if sp.method == "none":
+    return None
+  n_q = n_tokens // sp.block_q
+  idx = jax.ShapeDtypeStruct((1, cfg.model.num_heads, n_q, 1), jnp.int32)
+  cnt = jax.ShapeDtypeStruct((1, cfg.model.num_heads, n_q), jnp.int32)
+  return BlockLayout(idx, cnt, sp.block_q, sp.block_kv)
+
+
+def check_sparsity_shapes(cfg: config_lib.Config) -> None:
+  """ConfigError (one line, naming the field) when the selector cannot cut this model's sequence into blocks."""
+  sp, a = cfg.attention.sparsity, cfg.attention
+  if sp.method == "none":
+    return
+  if a.context_parallel == "ring":
+    raise config_lib.ConfigError(
+      f"config.attention.sparsity.method={sp.method}: block-sparse attention inside context_parallel=ring is not "
+      "built yet; use context_parallel=none or sparsity.method=none"
+    )
+  n_tokens = config_lib.sequence_length(cfg)
+  for name in ("block_q", "block_kv"):
+    if n_tokens % getattr(sp, name):
+      raise config_lib.ConfigError(
+        f"config.attention.sparsity.{name}={getattr(sp, name)} does not divide the sequence length {n_tokens} "
+        f"(video {config_lib.video_tokens(cfg)} + text {cfg.data.text_len}); pick a block that divides it"
+      )
+  tpf = config_lib.tokens_per_frame(cfg)
+  if sp.method == "vmoba" and tpf % sp.block_kv:
+    raise config_lib.ConfigError(
+      f"config.attention.sparsity.block_kv={sp.block_kv} must divide the frame size {tpf} tokens for vmoba's video "
+      "chunks (frames of whole kv blocks)"
+    )

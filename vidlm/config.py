@@ -84,11 +84,22 @@ def __getattr__(name: str):
 
 @dataclasses.dataclass
 class SparsityConfig:
-  """attention.sparsity: which kv blocks each q block computes (DESIGN section 6). Only "none" exists today."""
+  """attention.sparsity: which kv blocks each q block computes (DESIGN section 6; selectors in layers/sparse/).
+  Each method reads only its own parameters (layers.sparse.PARAMS)."""
 
-  method: str = "none"  # none (dense); block-sparse selectors (static, moba, xattention, vmoba) are not built yet
-  block_q: int = 128  # selection block sizes (separate from the kernels' tile sizes)
+  method: str = "none"  # none (dense) | static | moba | xattention | vmoba
+  block_q: int = 128  # selection block sizes (the layout's tiles; the kernels run on them)
   block_kv: int = 128
+  top_k: int = 4  # moba: gated kv blocks per q block (besides its own); vmoba: most chunks kept per q block
+  sinks: int = 1  # static: kv blocks at the start of the sequence
+  window: int = 1  # static: kv blocks on each side of a q block's own blocks
+  frame_globals: int = 1  # static: leading kv blocks of every video frame
+  stride: int = 8  # xattention: antidiagonal stride S (divides block_q and block_kv)
+  tau: float = 0.9  # xattention: cumulative score mass kept per q-block row
+  max_kv_blocks: int = 16  # xattention: static cap on selected blocks per q block (besides sink and diagonal)
+  chunk_frames: int = 2  # vmoba: frames per 1D / 3D chunk
+  chunk_bands: int = 1  # vmoba: kv blocks per frame in a 2D / 3D chunk
+  threshold: float = 0.25  # vmoba: keep chunks whose min-max-normalised gate reaches this
   # layers that stay dense whatever the method: layer indices ("0", "-1") or "first" / "last"
   dense_layers: tuple[str, ...] = ()
 
@@ -112,7 +123,7 @@ class SparsityConfig:
     return frozenset(out)
 
 
-SPARSITY_METHODS: tuple[str, ...] = ("none",)
+SPARSITY_METHODS: tuple[str, ...] = ("none", "static", "moba", "xattention", "vmoba")  # = layers.sparse.METHODS
 _REMOVED_ATTENTION_FIELDS = ("impl", "block_q", "block_kv")
 
 
@@ -125,7 +136,7 @@ def removed_attention_field(name: str, value: Any = None) -> str:
     )
   new = {
     "ring": "attention.kernel=auto attention.context_parallel=ring (attention.ring_layout as before)",
-    "block_sparse": "attention.kernel=flash and an attention.sparsity.method (block-sparse selectors are not built yet)",
+    "block_sparse": "attention.kernel=flash and an attention.sparsity.method (static | moba | xattention | vmoba)",
   }.get(value, f"attention.kernel={value}" if value in ("auto", "xla", "cudnn", "flash", "reference") else None)
   if new is None:
     new = "attention.kernel (auto|xla|cudnn|flash|reference) and attention.context_parallel (none|ring)"
@@ -472,13 +483,11 @@ def _validate_attention_fields(a: AttentionConfig) -> None:
     raise ConfigError(
       f"config.attention.context_parallel: unknown {a.context_parallel!r}; expected {' | '.join(CONTEXT_PARALLEL)}"
     )
-  if a.sparsity.method not in SPARSITY_METHODS:
-    raise ConfigError(
-      f"config.attention.sparsity.method={a.sparsity.method!r}: block-sparse selectors are not built yet; "
-      f"only {' | '.join(SPARSITY_METHODS)} is accepted"
-    )
-  if a.sparsity.block_q < 1 or a.sparsity.block_kv < 1:
-    raise ConfigError("config.attention.sparsity.block_q/block_kv: must be positive")
+  from layers.sparse import check_params  # noqa: PLC0415
+
+  why = check_params(a.sparsity)  # method, block sizes and the method's parameters, one line naming the field
+  if why is not None:
+    raise ConfigError(why)
 
 
 def validate(cfg: Config, num_devices: int | None = None, platform: str | None = None) -> Config:

@@ -52,7 +52,9 @@ def test_json_round_trip():
     (lambda c: setattr(c.data, "height", 36), "data.height"),
     (lambda c: setattr(c.attention, "kernel", "cudnn"), "kernel=cudnn"),
     (lambda c: setattr(c.attention, "kernel", "magic"), "attention.kernel"),
-    (lambda c: setattr(c.attention.sparsity, "method", "moba"), "attention.sparsity.method"),
+    (lambda c: setattr(c.attention.sparsity, "method", "magic"), "attention.sparsity.method"),
+    (lambda c: setattr(c.attention.sparsity, "method", "moba") or setattr(c.attention.sparsity, "top_k", 0),
+     "attention.sparsity.top_k"),
     (lambda c: setattr(c.attention.sparsity, "dense_layers", ("first", "x")), "attention.sparsity.dense_layers"),
     (lambda c: setattr(c.mesh, "seq", 8) or setattr(c.mesh, "data", 1) or setattr(c.data, "text_len", 44),
      "mesh.seq"),
@@ -147,8 +149,8 @@ def test_nested_sparsity_section_overrides_and_json():
   assert a.sparsity.dense_layer_set(4) == {0, 3}
   back = C.from_dict(dataclasses.asdict(cfg))
   assert back == cfg and isinstance(back.attention.sparsity, C.SparsityConfig)
-  with pytest.raises(C.ConfigError, match="block-sparse selectors are not built yet"):
-    C.apply_override(cfg, "attention.sparsity.method", "moba")
+  with pytest.raises(C.ConfigError, match="attention.sparsity.method='magic': unknown"):
+    C.apply_override(cfg, "attention.sparsity.method", "magic")
     C.validate(cfg, num_devices=8)
 
 

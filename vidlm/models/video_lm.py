@@ -27,6 +27,7 @@ from layers.block import DecoderBlock
 from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.norm import RMSNorm
+from layers.sparse import make_selector
 from pallas_kernels.layout import MaskSpec
 from vidlm import config as config_lib
 from vidlm.models import losses
@@ -122,11 +123,13 @@ class VideoLM(nnx.Module):
     self.num_layers, self.num_kv_heads, self.dtype = m.num_layers, m.num_kv_heads, dtype
     self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text_embed = TokenEmbed(m.vocab_size, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # attention.sparsity -> the selector every block's Attention asks for a BlockLayout (None: dense)
+    selector = make_selector(a.sparsity, num_layers=m.num_layers, video_grid=config_lib.video_grid(cfg))
 
     def make_block(r):
       return DecoderBlock(
         embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-        mlp_dim=m.mlp_dim, attention_kernel=a.kernel, context_parallel=context_parallel,
+        mlp_dim=m.mlp_dim, attention_kernel=a.kernel, context_parallel=context_parallel, attention_selector=selector,
         allow_reference_fallback=a.allow_reference_fallback, rope_theta=m.rope_theta, dtype=dtype,
         param_dtype=param_dtype, rngs=r,
       )
