@@ -94,13 +94,20 @@ class MetricWriter:
       resumed = tb_dir.is_dir()
       if resumed:
         truncate_tb(tb_dir, start_step)
-      self._tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if resumed else None)
+      self._tb_cls, self._tb_files = SummaryWriter, 0
+      self._tb = self._new_tb(purge_step=start_step + 1 if resumed else None)
     except ImportError:  # tensorboardX is a core dependency; tolerate its absence on accelerator images
       self._tb = None
     if progress_bar:
       from tqdm import tqdm  # noqa: PLC0415
 
       self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+  def _new_tb(self, **kwargs):
+    """A SummaryWriter on a file of its own: tensorboardX names files by the second and host only, and a second
+    writer opened within the same second would truncate the first one's file."""
+    self._tb_files += 1
+    return self._tb_cls(str(self.workdir / "tb"), filename_suffix=f".{os.getpid()}.{self._tb_files}", **kwargs)
 
   def write(self, step: int, scalars: dict[str, float], *, prefix: str = "train") -> None:
     if not self.enabled:
@@ -114,10 +121,13 @@ class MetricWriter:
           self._tb.add_scalar(f"{prefix}/{k}", float(v), step)
 
   def flush(self) -> None:
-    """Push buffered tensorboard events to disk: called before each checkpoint save, so that after a SIGKILL the
-    event files hold every step up to the checkpoint a resume starts from."""
+    """Put every tensorboard event logged so far on disk: called before each checkpoint save, so that after a
+    SIGKILL the event files hold every step up to the checkpoint a resume starts from. `SummaryWriter.flush()`
+    is not enough (events still queued for its writer thread are not written), so the writer is closed (which
+    drains the queue) and a new one, with a new event file, continues."""
     if self._tb is not None:
-      self._tb.flush()
+      self._tb.close()
+      self._tb = self._new_tb()
 
   def progress(self, step: int, postfix: dict[str, float]) -> None:
     if self._bar is not None:
