@@ -22,7 +22,8 @@ Resumable: `DIR/<variant>/DONE` (the variant's result row, JSON) is written only
 a variant that has it is skipped on the next run. Any other variant is (re)run: `vidlm train` resumes from its
 newest checkpoint. A failed variant gets a row with its one-line error, and `DIR/<variant>/error.txt` holds
 that line, the command and the end of its log (the traceback); the remaining variants still run. Reusing a
-variant name with different overrides in the same DIR is refused (its checkpoints belong to the old ones).
+variant whose resolved config changed (its overrides or the experiment file) is refused in the same DIR: its
+checkpoints belong to the old config.
 Variants with the same data section share one generated data cache (`DIR/.data/<hash>`, linked as
 `DIR/<variant>/data`), so the procedural splits are generated once per sweep, not once per variant.
 
@@ -226,16 +227,31 @@ def run_variant(spec: str, vdir: Path, name: str, args: list[str]) -> dict:
 # The sweep
 
 
-def _check_reuse(vdir: Path, name: str, spec: str, args: list[str]) -> None:
+def _record(cfg: config_lib.Config) -> dict:
+  """The variant's resolved config as JSON values (what its checkpoints were trained with)."""
+  return json.loads(config_lib.to_json(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def _check_reuse(vdir: Path, name: str, cfg: config_lib.Config) -> None:
+  """A variant directory holds checkpoints of the config it ran with; a changed config must not resume them."""
   record = vdir / "sweep_variant.json"
-  want = {"config": spec, "args": args}
-  if record.is_file():
-    had = json.loads(record.read_text())
-    if had != want:
-      raise config_lib.ConfigError(
-        f"sweep variant {name!r}: {vdir} was run with {had['config']} {' '.join(had['args'])}; "
-        f"remove {vdir} or rename the variant"
-      )
+  if not record.is_file():
+    return
+  had, now = _flat(json.loads(record.read_text()).get("resolved", {})), _flat(_record(cfg))
+  changed = [k for k in sorted(set(had) | set(now)) if had.get(k) != now.get(k) and not k.endswith("progress_bar")]
+  if changed:
+    k = changed[0]
+    raise config_lib.ConfigError(
+      f"sweep variant {name!r}: {vdir} was run with config.{k}={had.get(k)!r}, now {now.get(k)!r}"
+      f"{f' (and {len(changed) - 1} more fields)' if len(changed) > 1 else ''}; remove {vdir} or rename the variant"
+    )
 
 
 def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str] | None = None) -> list[dict]:
@@ -253,7 +269,7 @@ def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str
   configs = {}
   for name, args in plan.items():  # every error a user can fix, before any variant runs
     configs[name] = check_variant(spec, name, args)
-    _check_reuse(workdir / name, name, spec, args)
+    _check_reuse(workdir / name, name, configs[name])
   rows = []
   for i, (name, args) in enumerate(plan.items()):
     vdir = workdir / name
@@ -263,7 +279,8 @@ def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str
       continue
     print(f"[{i + 1}/{len(plan)}] {name}: {' '.join(args[len(_SHARED):]) or '(no overrides)'}", flush=True)
     vdir.mkdir(parents=True, exist_ok=True)
-    (vdir / "sweep_variant.json").write_text(json.dumps({"config": spec, "args": args}))
+    record = {"config": spec, "args": args, "resolved": _record(configs[name])}
+    (vdir / "sweep_variant.json").write_text(json.dumps(record, indent=1))
     share_generated_data(workdir, vdir, configs[name])
     row = run_variant(spec, vdir, name, args)
     status = "ok" if row["status"] == "ok" else f"FAILED: {row['error']} (see {vdir / 'error.txt'})"

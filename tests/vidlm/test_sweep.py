@@ -97,7 +97,8 @@ def test_smoke_sweep_runs_records_failure_and_resumes(tmp_path, monkeypatch, cap
 
   # the same name with other overrides would reuse the old run's checkpoints: refused, nothing runs
   changed = EXPERIMENT.replace('"train.lr": 3e-3', '"train.lr": 2e-3')
-  with pytest.raises(ConfigError, match=r"sweep variant 'wide': .* remove .* or rename the variant"):
+  with pytest.raises(ConfigError, match=r"sweep variant 'wide': .* was run with config.train.lr=0.003, now 0.002; "
+                                        r"remove .* or rename the variant"):
     sweep.sweep(_experiment(tmp_path, changed), workdir)
 
 
