@@ -6,6 +6,7 @@ from __future__ import annotations
 import types
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,7 +168,7 @@ def _largest(jaxpr) -> int:
   for eqn in jaxpr.eqns:
     for v in eqn.outvars:
       best = max(best, int(np.prod(getattr(v.aval, "shape", ())) or 1))
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       best = max(best, _largest(sub))
   return best
 
