@@ -198,10 +198,11 @@ def run_variant(spec: str, vdir: Path, name: str, args: list[str]) -> dict:
   row: dict = {"variant": name, "status": "ok", "overrides": args[len(_SHARED):], "error": ""}
   rss, device_peak = 0, None
   for phase in ("train", "eval"):
+    mem_file = vdir / f"{phase}_memory.json"
+    mem_file.unlink(missing_ok=True)  # an earlier attempt's
     code, seconds, phase_rss = _run_phase(phase, spec, vdir, args)
     row[f"{phase}_s"] = round(seconds, 1)
     rss = max(rss, phase_rss)
-    mem_file = vdir / f"{phase}_memory.json"
     if mem_file.is_file():
       peak = json.loads(mem_file.read_text()).get("peak_bytes_in_use")
       device_peak = peak if device_peak is None or (peak or 0) > device_peak else device_peak
