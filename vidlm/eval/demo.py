@@ -42,6 +42,11 @@ def format_table(results: dict) -> str:
                       for m, w in zip(r["mean_by_length"], r["worst_depth_by_length"]))
       lines.append(f"{tier:<6}{cells}     {_pct(r['mean'])} ({100 * r['worst_depth']:3.0f}% at depth "
                    f"{r['worst_depth_at']:.0%})")
+    gens = {tier: r["generate"] for tier, r in nv["tiers"].items() if "generate" in r}
+    if gens:  # eval.niavh_scoring=both: real greedy decoding with a KV cache, beside the teacher-forced table
+      lines.append("by greedy generation (KV cache): " + "; ".join(
+        f"{tier} {_pct(g['mean']).strip()} (agrees with teacher-forced on {_pct(g['agreement']).strip()} of examples)"
+        for tier, g in gens.items()))
     lines.append("")
   pv = results.get("ppl_vs_length")
   if pv:
