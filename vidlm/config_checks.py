@@ -81,8 +81,9 @@ def min_text_len(tier: str, num_needles: int, num_asked: int) -> int:
   return len(tokenizer.prompt_ids(question)) + len(tokenizer.encode(answer)) + 1
 
 
-def _check_procedural(cfg: Config, tiers: tuple[str, ...], frames: int, field: str) -> None:
-  """Can the generator make `tiers` at `frames` frames with data's size, needles and text_len?"""
+def _check_procedural(cfg: Config, tiers: tuple[str, ...], frames: int, field: str, evaluator: str = "") -> None:
+  """Can the generator make `tiers` at `frames` frames with data's size, needles and text_len? `evaluator`: the
+  evaluator that generates them (named in the text_len message, with the way out of dropping it)."""
   from vidlm.data import procedural  # noqa: PLC0415
 
   d = cfg.data
@@ -95,8 +96,10 @@ def _check_procedural(cfg: Config, tiers: tuple[str, ...], frames: int, field: s
       raise ConfigError(msg if msg.startswith("data.") and field == "data.tiers" else
                         f"config.{field}: tier {tier!r} at {frames} frames: {msg}") from None
     need = min_text_len(tier, d.num_needles, d.num_asked)
+    whose = f"the {evaluator} evaluator's " if evaluator else ""
+    fix = f"; raise it or drop {evaluator} from eval.evaluators" if evaluator else ""
     _need(d.text_len >= need, "data.text_len", d.text_len,
-          f"too short for tier-{tier} question + answer (needs >= {need} tokens incl. BOS/SEP/EOS)")
+          f"too short for {whose}tier-{tier} question + answer (needs >= {need} tokens incl. BOS/SEP/EOS){fix}")
 
 
 def check_data(cfg: Config) -> None:
@@ -116,6 +119,12 @@ def check_data(cfg: Config) -> None:
         f"expected some of {','.join(procedural.TIERS)}")
   if generated:
     _check_procedural(cfg, tuple(d.tiers), d.frames, "data.tiers")
+  else:  # a user's records: text_len against their longest text (metadata max_tokens), not the generator's
+    from vidlm.data import pipeline  # noqa: PLC0415  (grain; only when data.path is set)
+
+    # data.path exists, its shards open and match metadata.json, frames/height/width/text_len fit the records:
+    # one line here, before distributed start-up or any device work (memoised per process while files are unchanged)
+    pipeline.check_user_data(d)
 
 
 def check_eval(cfg: Config, batch_shards: int | None) -> None:
@@ -144,9 +153,14 @@ def check_eval(cfg: Config, batch_shards: int | None) -> None:
         f"expected some of {','.join(procedural.TIERS)}")
   _need(e.niavh_scoring in ("teacher_forced", "generate", "both"), "eval.niavh_scoring", e.niavh_scoring,
         "expected teacher_forced | generate | both")
-  if "niavh" in e.evaluators:  # the grid generates eval.tiers at every length, whatever data.path holds
+  # these evaluators generate procedural examples at data.text_len whatever data.path holds (data.tiers at the
+  # training length is checked by check_data for generated data)
+  if "niavh" in e.evaluators:  # the grid generates eval.tiers at every length
     for mult in sorted(set(e.length_multipliers)):
-      _check_procedural(cfg, tuple(e.tiers), d.frames * mult, "eval.tiers")
+      _check_procedural(cfg, tuple(e.tiers), d.frames * mult, "eval.tiers", "niavh")
+  if "ppl_vs_length" in e.evaluators and d.path is not None:
+    for mult in sorted(set(e.length_multipliers)):
+      _check_procedural(cfg, tuple(d.tiers), d.frames * mult, "data.tiers", "ppl_vs_length")
 
 
 def check_checkpoint(cfg: Config) -> None:

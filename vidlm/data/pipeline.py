@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import grain
@@ -156,7 +157,32 @@ def split_dir(data_cfg, split: str, workdir: str | os.PathLike) -> str:
                     f"(write them with `vidlm data make-synthetic` or `vidlm data ingest`)")
 
 
+def _signature(directory: str | os.PathLike) -> tuple:
+  """(name, size, mtime_ns) of every file in `directory` and its subfolders one level down: what the memoised
+  checks below are keyed on, so a file written or replaced since is checked again."""
+  out = []
+  for d in (Path(directory), *(c for c in sorted(Path(directory).iterdir()) if c.is_dir())):
+    for f in sorted(d.iterdir()):
+      if f.is_file():
+        st = f.stat()
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+  return tuple(out)
+
+
+_verified: set[tuple] = set()  # signatures of user directories whose shards matched metadata.json
+
+
 def _verify_user_data(directory: Path) -> None:
+  """Shards of a user's directory match the size/crc32 in its metadata.json (once per process while the files
+  are unchanged: config validation and each iterator construction would otherwise re-read every byte)."""
+  key = _signature(directory)
+  if key in _verified:
+    return
+  _verify_user_data_now(directory)
+  _verified.add(key)
+
+
+def _verify_user_data_now(directory: Path) -> None:
   meta_path = directory / records.METADATA_FILE
   meta = records.read_metadata(directory)
   if meta is None:
@@ -212,27 +238,84 @@ def _example(raw: bytes | dict, text_len: int | None) -> dict:
           **tokenizer.arrays_from_tokens(tokens)}
 
 
-def _decoder(src: source.CheckedSource | source.TfdsSource, data_cfg):
-  """Record -> batch example, or None (skipped and counted, naming the shard) when it cannot be used."""
+MAX_BAD_IN_A_ROW = 10_000  # consecutive unusable records (capped at the split's size) that stop the run
+
+
+def _decoder(src: source.CheckedSource | source.TfdsSource, data_cfg, directory: str, split: str):
+  """Record -> batch example, or None (skipped and counted, naming the shard) when it cannot be used.
+
+  Skipped records are dropped by the iterator, which keeps reading until a batch is full: with (nearly) every
+  record bad that would loop forever, so min(len(src), MAX_BAD_IN_A_ROW) bad records in a row with no usable
+  one between them (a whole pass over a small split) is a ConfigError naming the directory and the count.
+  """
   want = (int(data_cfg.frames), int(data_cfg.height), int(data_cfg.width), 3)
   text_len = int(data_cfg.text_len)
+  limit = max(1, min(len(src), MAX_BAD_IN_A_ROW))
+  lock = threading.Lock()
+  run = {"bad": 0, "total": 0, "first": ""}  # bad in a row (reset by a good record), bad in all, first reason
+
+  def skip(file: str, position: int, why: str) -> None:
+    source.note_skip(file, position, why)
+    with lock:
+      run["bad"] += 1
+      run["total"] += 1
+      run["first"] = run["first"] or f"{file} record {position}: {why}"
+      bad, total, first = run["bad"], run["total"], run["first"]  # prefetch threads decode concurrently
+    if bad >= limit:
+      what = f"data.path={data_cfg.path}" if data_cfg.path is not None else "generated data"
+      fix = ("check or regenerate it (vidlm data make-synthetic / vidlm data ingest)" if data_cfg.path is not None
+             else f"delete {directory} to regenerate it")
+      raise ConfigError(f"{what}: {bad} records of {directory} ({split}, {len(src)} records) in a row could not "
+                        f"be used ({total} bad in all; first: {first}); no batch can be filled; {fix}")
 
   def decode(item: tuple[int, bytes | dict | source.BadRecord]) -> dict[str, np.ndarray] | None:
     index, raw = item
     if isinstance(raw, source.BadRecord):
-      source.note_skip(raw.file, raw.position, raw.reason)
+      skip(raw.file, raw.position, raw.reason)
       return None
     try:
       rec = _example(raw, text_len)
       if rec["frames"].shape != want:
         raise ValueError(f"frames shape {rec['frames'].shape}, config wants {want}")
-      return contract.model_example(rec)  # every array a model gets, cut_frames padded to [F]
+      out = contract.model_example(rec)  # every array a model gets, cut_frames padded to [F]
     except Exception as e:  # garbled bytes that passed the chunk hash, or one odd record
       file, position = src.locate(index)
-      source.note_skip(file, position, source.reason(e))
+      skip(file, position, source.reason(e))
       return None
+    with lock:
+      run["bad"] = 0
+    return out
 
   return decode
+
+
+DATA_STATE_FORMAT = 2  # saved iterator states count examples; format 1 (no marker, before 0294385) counted batches
+_STATE_KEY = "vidlm_data_state"
+
+
+class MarkedIterator(grain.DatasetIterator):
+  """The batch iterator, with a format marker in the state it saves (grain.checkpoint writes `get_state()` as
+  JSON into each checkpoint's data_iter/): a state without it was written when the saved index counted batches,
+  and restoring it would silently resume at another data position, so `set_state` refuses it (ConfigError;
+  Checkpointer adds the checkpoint's path)."""
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._parent)
+
+  def get_state(self) -> dict:
+    return {_STATE_KEY: DATA_STATE_FORMAT, "iterator": self._parent.get_state()}
+
+  def set_state(self, state: dict) -> None:
+    found = state.get(_STATE_KEY) if isinstance(state, dict) else None
+    if found != DATA_STATE_FORMAT:
+      raise ConfigError(
+        f"its data iterator state ({_STATE_KEY}={found}, this vidlm reads {DATA_STATE_FORMAT}) was saved by an "
+        "older vidlm whose position counted batches, not examples, and would resume at the wrong data position; "
+        "start a new --workdir (training from step 0), or finish this run with the vidlm version that wrote it")
+    self._parent.set_state(state["iterator"])
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -266,9 +349,20 @@ def check_user_data(data_cfg, splits: tuple[str, ...] = ("train", "eval")) -> No
   """Every up-front check of a user's data.path, without building an iterator: for config validation, so a
   mismatch is reported before any device work. No-op for generated data (the generator makes what the config
   says). Raises ConfigError."""
-  if data_cfg.path is not None:
-    for split in splits:
-      _open(data_cfg, split, workdir="unused")
+  if data_cfg.path is None or not Path(data_cfg.path).is_dir():  # a missing directory: split_dir says so
+    if data_cfg.path is not None:
+      split_dir(data_cfg, splits[0], "unused")
+    return
+  key = (str(data_cfg.path), data_cfg.frames, data_cfg.height, data_cfg.width, data_cfg.text_len, tuple(splits),
+         _signature(data_cfg.path))
+  if key in _checked:  # config validation runs more than once per process (CLI, Trainer, each eval length)
+    return
+  for split in splits:
+    _open(data_cfg, split, workdir="unused")
+  _checked.add(key)
+
+
+_checked: set[tuple] = set()
 
 
 def make_dataset(
@@ -283,7 +377,7 @@ def make_dataset(
 ) -> grain.MapDataset:
   """This process's decoded examples as a MapDataset (before batching): shuffled and repeated for train."""
   process_index, process_count = _process_info(process_index, process_count)
-  _, src = _open(data_cfg, split, workdir)
+  directory, src = _open(data_cfg, split, workdir)
   ds = grain.MapDataset.source(src)
   train = split == "train"
   if train and data_cfg.shuffle:
@@ -291,7 +385,7 @@ def make_dataset(
   if train or num_epochs is not None:
     ds = ds.repeat(num_epochs)
   ds = ds[process_index::process_count]
-  return ds.map(_decoder(src, data_cfg))
+  return ds.map(_decoder(src, data_cfg, directory, split))
 
 
 def make_iterator(
@@ -325,4 +419,4 @@ def make_iterator(
   # Two threads suit a 2-core host; decode is zlib + copies, which release the GIL for most of their time.
   options = grain.ReadOptions(num_threads=min(2, prefetch), prefetch_buffer_size=max(prefetch, 1) * local)
   # Batch after to_iter_dataset: the iterator drops skipped (None) records, so every batch is full.
-  return iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True))
+  return MarkedIterator(iter(ds.to_iter_dataset(options).batch(local, drop_remainder=True)))

@@ -190,6 +190,8 @@ class Checkpointer:
       items["data_iter"] = restore_iter(data_iter)
     try:
       return self.manager.restore(s, args=ocp.args.Composite(**items)), None
+    except config_lib.ConfigError as e:  # readable but unusable (a data_iter state of an older format): not corrupt
+      raise config_lib.ConfigError(f"checkpoint {self.directory / str(s)}: {e}") from None
     except Exception as e:  # noqa: BLE001  (any unreadable checkpoint: move it aside and fall back)
       return None, describe_error(e)
 
