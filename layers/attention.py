@@ -407,6 +407,11 @@ class Attention(nnx.Module):
     """q, k, v [B, 1, H, D]: write k/v at each row's next slot, attend q to the visible slots of the cache."""
     if q.shape[1] != 1:
       raise ValueError(f"Attention: decode takes one token per row, got {q.shape[1]} (prefill longer inputs)")
+    if self.selector is not dense_selector:
+      raise ValueError(
+        "Attention: decoding with a KV cache is dense and this layer has a sparsity selector "
+        "(attention.sparsity.method); block-sparse decode is not built yet: decode with method=none"
+      )
     cache = cache.write_token(k, v)
     visible = cache.visible_to_next()  # [B, S_max]
     seg = (jnp.ones(q.shape[:2], jnp.int32), visible.astype(jnp.int32))  # q id 1 meets kv id 1 = visible

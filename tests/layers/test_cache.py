@@ -77,3 +77,12 @@ def test_attention_layer_decode_matches_full_forward(kernel):
     out, cache = layer(x[:, i : i + 1], pos_i, mask=mask, cache=cache, decode=True)
     cache = cache.advance(cache.length + 1)
     np.testing.assert_allclose(out[:, 0], full[:, i], atol=1e-5, rtol=1e-5)
+
+
+def test_decode_with_a_sparsity_selector_is_an_error():
+  """No silent change of math: a block-sparse layer has no cached decode path yet, so decoding says so."""
+  with nnx.use_eager_sharding(False):
+    layer = Attention(8, 2, 1, 4, kernel="xla", selector=lambda q, k, mask, i: None, rngs=nnx.Rngs(0))
+  cache = KVCache.init(1, 4, 1, 4, mask=MaskSpec.causal()).record(jnp.zeros((1, 1, 3), jnp.int32), jnp.zeros((1, 1)))
+  with pytest.raises(ValueError, match="block-sparse decode is not built yet"):
+    layer(jnp.ones((1, 1, 8)), jnp.zeros((1, 1, 3), jnp.int32), mask=MaskSpec.causal(), cache=cache, decode=True)
