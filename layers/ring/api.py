@@ -106,7 +106,7 @@ def ring_attention(
   if mesh.empty or axis_name not in mesh.axis_names:
     raise ValueError(
       f"ring_attention: no mesh axis {axis_name!r} in the ambient mesh; wrap the call in `with jax.set_mesh(mesh):` "
-      "with a mesh from vidlm.sharding (axes data, fsdp, seq, tensor)"
+      f"with the mesh axes {partitioning.AXES} (vidlm.sharding.make_mesh builds one)"
     )
   n = dict(mesh.shape)[axis_name]
   if token_layout == "frame_striped":

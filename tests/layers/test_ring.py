@@ -335,7 +335,7 @@ def test_ring_mesh_axes_come_from_the_rules_table(monkeypatch):
   rules = dict(partitioning.RULES) | {"batch": ("tensor", "data"), "heads": None, "kv_heads": None, "tokens": "fsdp"}
   monkeypatch.setattr(partitioning, "_RULES", rules)
   assert ring_api._ring_axis() == "fsdp"
-  assert ring_api._mesh_axes(mesh, "fsdp", 2, 4, 2) == (("tensor",), None)
+  assert ring_api._mesh_axes(mesh, "fsdp", 2, 4, 2) == (("tensor", "data"), None)  # table order; data has size 1
   monkeypatch.setattr(partitioning, "_RULES", rules | {"kv_heads": "tensor"})
   with pytest.raises(ValueError, match="kv_heads"):
     ring_api._mesh_axes(mesh, "fsdp", 2, 4, 2)
