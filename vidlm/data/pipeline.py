@@ -4,15 +4,18 @@
   -> decode (None for a bad record) -> to_iter_dataset(prefetch threads; drops the Nones) -> batch(local)
 
 Everything before `to_iter_dataset` is a MapDataset (random access), so the iterator state is one integer (the
-next example index) and a restored run sees exactly the batches it would have seen (the state goes into orbax
-through `grain.checkpoint.CheckpointSave/Restore`). Slicing after shuffle+repeat gives each process a disjoint
-share of every epoch from one global permutation, with no coordination between processes. Batching after
+next example index, saved beside a format marker by `MarkedIterator`) and a restored run sees exactly the batches
+it would have seen (the state goes into orbax through `grain.checkpoint.CheckpointSave/Restore`). Slicing after
+shuffle+repeat gives each process a disjoint share of every epoch from one global permutation, with no
+coordination between processes. Batching after
 `to_iter_dataset` is what lets a corrupt record be skipped (and counted, `source.skipped_records()`) while every
 batch stays full; nothing is silently replaced by another example.
 
 Checks before the first step (one-line `ConfigError`, exit 2 from the CLI): `data.path` exists and holds shards
 plus metadata.json, the shards match the size/crc32 in metadata.json, every shard opens, and data.frames/height/
-width/text_len fit the records. A damaged generated cache (<workdir>/data) is regenerated with a warning instead.
+width/text_len fit the records (also run by config validation: `check_user_data`). A damaged generated cache
+(<workdir>/data) is regenerated with a warning instead. A split whose records are all unusable stops the run
+(`_decoder`) instead of reading forever for a full batch.
 
 Batch (per process, B = global_batch_size // process_count):
   frames uint8 [B, F, H, W, 3]; tokens, targets int32 [B, L]; loss_mask float32 [B, L]; index int32 [B];
