@@ -24,12 +24,13 @@ from vidlm import config as config_lib
 
 
 def _load(args_config: str, overrides: list[str]) -> config_lib.Config:
-  from vidlm.config_checks import check_values  # noqa: PLC0415
+  from vidlm.config_checks import check_data_path, check_values  # noqa: PLC0415
 
   cfg = config_lib.load_config(args_config)
   for key, value in config_lib.parse_overrides(overrides):
     config_lib.apply_override(cfg, key, value)
   check_values(cfg)  # field ranges now, before distributed start-up; the Trainer re-validates with the mesh
+  check_data_path(cfg)  # a user's data.path (exists, checksums, shapes, text_len), also before start-up
   return cfg
 
 

@@ -117,14 +117,22 @@ def check_data(cfg: Config) -> None:
   _need(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
   _need(len(d.tiers) >= 1 and all(t in procedural.TIERS for t in d.tiers), "data.tiers", d.tiers,
         f"expected some of {','.join(procedural.TIERS)}")
-  if generated:
+  if generated:  # a user's records are judged by check_data_path (text_len against their max_tokens)
     _check_procedural(cfg, tuple(d.tiers), d.frames, "data.tiers")
-  else:  # a user's records: text_len against their longest text (metadata max_tokens), not the generator's
+
+
+def check_data_path(cfg: Config) -> None:
+  """A user's data.path exists, its shards open and match metadata.json, and data.frames/height/width/text_len
+  fit its records (text_len against their longest text, metadata `max_tokens`, not the generator's questions).
+
+  Not part of `check_values`: validation also runs on derived configs that are not trained on these records
+  (eval/grid.py validates data.frames x each length multiplier). The CLI runs it after `check_values`, before
+  distributed start-up or any device work; the data iterator runs the same checks when it is built. Memoised
+  per process while the files are unchanged (the checksum pass reads every shard)."""
+  if cfg.data.path is not None:
     from vidlm.data import pipeline  # noqa: PLC0415  (grain; only when data.path is set)
 
-    # data.path exists, its shards open and match metadata.json, frames/height/width/text_len fit the records:
-    # one line here, before distributed start-up or any device work (memoised per process while files are unchanged)
-    pipeline.check_user_data(d)
+    pipeline.check_user_data(cfg.data)
 
 
 def check_eval(cfg: Config, batch_shards: int | None) -> None:

@@ -17,6 +17,7 @@ import pytest
 from vidlm import cli
 from vidlm import config as C
 from vidlm.config import ConfigError, DataConfig
+from vidlm.config_checks import check_data_path
 from vidlm.data import pipeline, procedural, records
 from vidlm.data import tokenizer as T
 
@@ -83,18 +84,34 @@ def test_bad_data_path_is_reported_by_the_cli_before_start_up(tmp_path, cli_erro
   assert f"shard {bad} does not match" in line, line  # vidlm eval validates the same way
 
 
-def test_text_len_is_checked_against_the_records_not_the_generator(tmp_path):
+def test_validation_of_a_longer_eval_length_does_not_check_the_records(tmp_path):
+  """eval/grid.py validates data.frames x each length multiplier; the records stay at data.frames."""
+  from vidlm.eval import grid
+
+  cfg = C.load_config(SMOKE)
+  cfg.data.path = str(demo_data(tmp_path))
+  check_data_path(cfg)
+  assert [x.frames for x in grid.lengths(cfg)] == [8, 16]
+
+
+def test_text_len_is_checked_against_the_records_not_the_generator(tmp_path, cli_error):
   root = demo_data(tmp_path, text=("hi?", "ok"))
   longest = records.read_metadata(root)["max_tokens"]
   assert longest == 8  # BOS h i ? SEP o k EOS; the shortest procedural question + answer needs 30
   cfg = C.load_config(SMOKE)
   cfg.data.path, cfg.data.text_len, cfg.eval.evaluators = str(root), longest, ("loss",)
-  C.validate(cfg, num_devices=8)  # fits the records: passes, though no tier-a question would fit
+  C.validate(cfg, num_devices=8)  # no tier-a question would fit: passes
+  check_data_path(cfg)  # fits the records: passes
   cfg.data.text_len = longest - 1
+  C.validate(cfg, num_devices=8)
   with pytest.raises(ConfigError) as e:
-    C.validate(cfg, num_devices=8)
+    check_data_path(cfg)
   assert str(e.value) == (f"data.text_len={longest - 1} but the records in {root} hold texts of up to {longest} "
                           f"tokens (text_len=32); set --config.data.text_len={longest} or more")
+  # vidlm train says so before start-up
+  line = cli_error(train_argv(tmp_path, f"--config.data.path={root}", f"--config.data.text_len={longest - 1}",
+                              "--config.eval.evaluators=loss"))
+  assert line == f"error: {e.value}", line
   # an evaluator that generates procedural examples does need them to fit, and says which one and the way out
   cfg.data.text_len = longest
   for evaluator, tier in (("niavh", "a"), ("ppl_vs_length", "a")):
