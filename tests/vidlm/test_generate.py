@@ -170,3 +170,11 @@ def test_niavh_scoring_by_generation_agrees_with_teacher_forcing(tmp_path):
   np.testing.assert_array_equal(gen["prefix"], tf["prefix"])
   np.testing.assert_array_equal(gen["exact"], tf["exact"])
   assert tf["prefix"].min() >= 1 and tf["prefix"].mean() > 2  # (a token equal to EOS ends an answer early)
+
+
+def test_niavh_scoring_field_is_checked():
+  cfg = config_lib.load_config("experiments/demo.py")
+  assert cfg.eval.niavh_scoring == "both"
+  cfg.eval.niavh_scoring = "sampled"
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.niavh_scoring=.*teacher_forced \| generate \| both"):
+    config_lib.validate(cfg)
