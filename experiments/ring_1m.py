@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> Config:
     m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 64, 2, 4, 2, 16, 128
     m.tubelet, m.dtype = (1, 8, 8), "float32"
     d.frames, d.height, d.width, d.text_len, d.num_train, d.num_eval = 8, 32, 32, 64, 16, 4
-    t.steps, t.batch_size = 2, 2
+    t.steps, t.batch_size, cfg.eval.batch_size = 2, 2, 2  # eval batches split over data=2 like training
     cfg.mesh = MeshConfig(data=2, fsdp=1, seq=4, tensor=1)
   elif arg:
     raise unknown_variant(__file__, arg, ("seq=N", "smoke"))

@@ -41,6 +41,17 @@ class UsageParser(argparse.ArgumentParser):
     raise config_lib.ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def int_list(text: str) -> list[int]:
+  """argparse type for comma-separated positive ints (`--seqlens 8192,32768`)."""
+  try:
+    values = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected comma-separated positive ints, got {text!r}")
+  return values
+
+
 CONFIG_HELP = """--config FILE.py[:variant]
   FILE.py defines get_config(arg=None) -> vidlm.config.Config; the text after ':' is passed as arg and selects
   a variant the file defines (e.g. experiments/demo.py:smoke; an unknown variant is an error that lists them).

@@ -38,7 +38,6 @@ variant failed.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from vidlm import config as config_lib
+from vidlm.cli import UsageParser
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _SHARED = ["--config.train.progress_bar=false"]
@@ -293,7 +293,7 @@ def sweep(spec: str, workdir: str | Path, shared: list[str] = (), only: list[str
 
 
 def main(argv: list[str]) -> int:
-  p = argparse.ArgumentParser(prog="vidlm sweep", description="run get_sweep()'s variants and tabulate them")
+  p = UsageParser(prog="vidlm sweep", description="run get_sweep()'s variants and tabulate them")
   p.add_argument("--config", required=True, help="experiment file with get_config and get_sweep, FILE.py[:arg]")
   p.add_argument("--workdir", required=True, help="each variant runs in WORKDIR/<variant>; reports go here")
   p.add_argument("--variants", default=None, help="comma-separated subset of the variants to run and report")

@@ -175,12 +175,14 @@ def test_errors_name_the_field(tmp_path):
   bad = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, length_multipliers=(1, 0)))
   with pytest.raises(config_lib.ConfigError, match="config.eval.length_multipliers"):
     grid_lib.lengths(bad)
-  flash = tiny_config()
-  flash.data.text_len, flash.data.frames = 48, 4  # 16 video + 48 text = 64 tokens: one 64-block
-  flash.attention.kernel = "flash"
-  flash.eval.length_multipliers = (1, 3)  # 3x = 48 + 48 = 96 tokens: not a multiple of 64
-  with pytest.raises(config_lib.ConfigError, match=r"config.eval.length_multipliers: 3x"):
-    grid_lib.lengths(flash)
+  sparse = tiny_config()
+  sparse.data.text_len, sparse.data.frames = 48, 4  # 16 video + 48 text = 64 tokens: one 64-token block
+  sparse.attention.sparsity.method = "moba"
+  sparse.attention.sparsity.block_q = sparse.attention.sparsity.block_kv = 64
+  grid_lib.lengths(dataclasses.replace(sparse, eval=dataclasses.replace(sparse.eval, length_multipliers=(1,))))
+  sparse.eval.length_multipliers = (1, 3)  # 3x = 48 + 48 = 96 tokens: not a multiple of the 64-token blocks
+  with pytest.raises(config_lib.ConfigError, match=r"config.eval.length_multipliers: 3x .*sparsity"):
+    grid_lib.lengths(sparse)
   small = tiny_config()
   small.data.height = small.data.width = 16
   with pytest.raises(config_lib.ConfigError, match="config.eval.tiers: tier 'b'"):

@@ -11,13 +11,13 @@ Needs a GPU; imports nothing from the data stack (no grain / tfds), so it runs o
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
 import jax.numpy as jnp
 
 from vidlm.bench.timing import matmul_tflops, median_seconds
+from vidlm.cli import UsageParser, int_list
 
 _XLA_FWD_SCORE_BYTES = 12 << 30  # fp32 scores B*H*S^2*4 the XLA path may allocate (fwd); bwd needs ~3x
 
@@ -107,9 +107,9 @@ def _fmt_row(r) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="vidlm bench attention", description=__doc__.splitlines()[0])
-  p.add_argument("--seqlens", default="8192,32768,131072", help="comma-separated sequence lengths")
-  p.add_argument("--head-dims", default="64,128", help="comma-separated head dims")
+  p = UsageParser(prog="vidlm bench attention", description=__doc__.splitlines()[0])
+  p.add_argument("--seqlens", type=int_list, default="8192,32768,131072", help="comma-separated sequence lengths")
+  p.add_argument("--head-dims", type=int_list, default="64,128", help="comma-separated head dims")
   p.add_argument("--causal", default="both", choices=("both", "yes", "no"))
   p.add_argument("--modes", default="fwd,fwd+bwd")
   p.add_argument("--tokens-heads", type=int, default=16 * 32768, help="heads = min(16, this // S): equal work/size")
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
   if jax.default_backend() != "gpu":
     print(f"vidlm bench attention: needs a GPU (jax.default_backend() is {jax.default_backend()!r})")
     return 2
-  seqlens = [int(x) for x in a.seqlens.split(",")]
-  dims = [int(x) for x in a.head_dims.split(",")]
+  seqlens, dims = a.seqlens, a.head_dims
   iters = a.iters
   if a.quick:
     seqlens, dims, iters = [8192], [128], 3

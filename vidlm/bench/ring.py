@@ -34,6 +34,7 @@ import sys
 import time
 
 from vidlm.bench.timing import median_seconds
+from vidlm.cli import UsageParser, int_list
 
 XLA_PRESETS = {
   "none": [],
@@ -173,11 +174,11 @@ def _check(local_impl: str, n: int, layout: str, t: int, hq: int, hkv: int, d: i
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
+  p = UsageParser(
     prog="vidlm bench ring", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--tokens-per-device", type=int, default=8192)
-  p.add_argument("--ring-sizes", default="4,2,1", help="largest first, so a time limit cuts the small ones")
+  p.add_argument("--ring-sizes", type=int_list, default="4,2,1", help="largest first, so a time limit cuts the small ones")
   p.add_argument("--layouts", default="zigzag,contiguous")
   p.add_argument("--heads", type=int, default=32)
   p.add_argument("--kv-heads", type=int, default=8)
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
   if devices[0].platform != "gpu" and not args.allow_cpu:
     print(f"vidlm bench ring: needs GPUs (found {devices[0].platform})", file=sys.stderr)
     return 2
-  sizes = [int(x) for x in args.ring_sizes.split(",") if int(x) <= len(devices)]  # in the given order
+  sizes = [x for x in args.ring_sizes if x <= len(devices)]  # in the given order
   layouts = args.layouts.split(",")
   c, hq, hkv, d = args.tokens_per_device, args.heads, args.kv_heads, args.head_dim
   meta = {

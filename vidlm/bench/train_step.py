@@ -19,13 +19,13 @@ MFU counts model FLOPs only (no remat recompute): 6 * params * tokens for the de
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
 
 from vidlm.bench.timing import matmul_tflops
+from vidlm.cli import UsageParser
 
 GIB = 2**30
 
@@ -146,7 +146,7 @@ def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="vidlm bench train_step")
+  p = UsageParser(prog="vidlm bench train_step")
   p.add_argument("--config", required=True)
   p.add_argument("--steps", type=int, default=2, help="timed steps after the compile and one warm-up step (0: the warm-up step is reported as the step)")
   p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per device")

@@ -106,6 +106,11 @@ def main(workdir: str, config: str | None = None, extra_argv: list[str] | tuple[
   trainer = Trainer(cfg, workdir)
   summary = trainer.train()
   t_train = time.perf_counter()
+  if summary.get("stopped"):  # SIGTERM / Ctrl-C: the checkpoint is saved; evaluating a cut-short run would mislead
+    if is_main:
+      print(f"stopped at step {summary['step']} before train.steps={trainer.cfg.train.steps}; not evaluating "
+            f"(rerun `vidlm demo --workdir {workdir}` to resume)", flush=True)
+    return int(summary.get("exit_code", 0))
   if is_main:
     print(f"trained to step {summary['step']} (loss {summary.get('loss', float('nan')):.4f}) "
           f"in {t_train - t_start:.0f} s", flush=True)

@@ -42,7 +42,7 @@ def lengths(cfg: config_lib.Config) -> list[Length]:
       raise config_lib.ConfigError(
         f"config.eval.length_multipliers: {m}x ({at.data.frames} frames) is not a valid length: {e}"
       ) from None
-    out.append(Length(m, at.data.frames, config_lib.sequence_length(at)))
+    out.append(Length(m, at.data.frames, at.model.sequence_length(at)))
   return out
 
 
