@@ -196,28 +196,28 @@ def _run_kernel(kernel: str, q, k, v, *, mask, segment_ids, layout, scale, retur
   return ops.flash_attention(q, k, v, allow_reference_fallback=allow_reference_fallback, **kw)
 
 
-def _flash_hop_backward(allow_reference_fallback, q, k, v, spec, seg, out, lse, do, delta, dlse, scale):
+def _flash_hop_backward(allow_reference_fallback, q, k, v, spec, seg, out, lse, do, delta, dlse, scale, layout=None):
   """The flash backward kernels fed with the global (out, lse[, dlse]): no per-hop forward recompute."""
   del delta  # the kernels recompute it from out, do and dlse
   from pallas_kernels import ops  # noqa: PLC0415
 
   dq, dk, dv = ops.attention_backward(
-    q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), mask=spec, segment_ids=seg, dlse=dlse, scale=scale,
-    allow_reference_fallback=allow_reference_fallback,
+    q, k, v, out.astype(q.dtype), lse, do.astype(q.dtype), mask=spec, segment_ids=seg, layout=layout, dlse=dlse,
+    scale=scale, allow_reference_fallback=allow_reference_fallback,
   )
   return dq.astype(jnp.float32), dk.astype(jnp.float32), dv.astype(jnp.float32)
 
 
-def _hop_forward(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale):
+def _hop_forward(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale, layout=None):
   return _run_kernel(
-    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=None, scale=scale, return_lse=True,
+    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=True,
     allow_reference_fallback=allow_reference_fallback,
   )
 
 
-def _whole(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale, return_lse):
+def _whole(kernel, allow_reference_fallback, q, k, v, *, mask, segment_ids, scale, return_lse, layout=None):
   return _run_kernel(
-    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=None, scale=scale, return_lse=return_lse,
+    kernel, q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, scale=scale, return_lse=return_lse,
     allow_reference_fallback=allow_reference_fallback,
   )
 
@@ -237,7 +237,7 @@ def hop_kernel(kernel: str, *, allow_reference_fallback: bool = False, platform:
     "flash": functools.partial(_flash_hop_backward, allow_reference_fallback),
     "reference": None,  # the vjp of the reference forward
   }[name]
-  return ring.HopKernel(name, forward, whole, backward=backward)
+  return ring.HopKernel(name, forward, whole, backward=backward, sparse=True)  # hops take the layout's blocks
 
 
 def _as_ring(context_parallel) -> Ring | None:

@@ -15,6 +15,7 @@ from layers import partitioning
 from layers.ring.hops import HopKernel
 from layers.ring.layouts import device_chunks
 from layers.ring.plans import build_plans
+from layers.ring.sparse import build_ring_sparse
 from layers.ring.vjp import RingCfg, ring_out, ring_out_lse
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
@@ -95,8 +96,10 @@ def ring_attention(
   from pallas_kernels import reference  # noqa: PLC0415
 
   reference.check_shapes(q, k, v, segment_ids)
-  if layout is not None:
-    raise ValueError("ring_attention: a BlockLayout (block-sparse) is not supported with context_parallel=ring yet")
+  if layout is not None and not hop.sparse:
+    raise ValueError(
+      f"ring_attention: the {hop.name!r} hop kernel takes no BlockLayout (block-sparse); use kernel='xla' or 'flash'"
+    )
   b, t, hq, d = q.shape
   if k.shape[1] != t:
     raise ValueError(f"ring_attention: self-attention only; q has {t} tokens, k/v have {k.shape[1]}")
@@ -120,33 +123,46 @@ def ring_attention(
   else:
     tpf = 1
   device_chunks(t, n, token_layout, tpf)  # validates divisibility with a clear message
+  sparse = None if layout is None else build_ring_sparse(layout, t, n, token_layout, tpf)
   if n == 1:
-    return hop.whole(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=return_lse)
+    kw = {} if layout is None else {"layout": layout}
+    return hop.whole(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, return_lse=return_lse, **kw)
 
   plans, table, uniform = build_plans(mask, t, n, token_layout, tpf, _uniform)
   if hop.check is not None:  # fail before tracing, naming the hop mask the kernel cannot do
     for call in (c for plan in plans for c in plan):
       hop.check(call.mask, call.q_hi - call.q_lo, call.kv_hi - call.kv_lo, segment_ids is not None)
-  cfg = RingCfg(axis_name, n, plans, table, uniform, hop, scale, _permute, _barrier)
+  cfg = RingCfg(axis_name, n, plans, table, uniform, hop, scale, _permute, _barrier, sparse)
   batch, heads = _mesh_axes(mesh, axis_name, b, hq, k.shape[2])
   qspec = P(batch, axis_name, heads, None)
   lse_spec = P(batch, heads, axis_name)
   seg_spec = P(batch, axis_name)
 
-  def local(q, k, v, seg_q, seg_kv):
+  # The layout is global over the tokens (every device reads its own q blocks' rows); batch and heads split like
+  # q where the layout has them (a layout of batch or heads 1 is shared, so replicated).
+  lay, lay_spec = None, None
+  if layout is not None:
+    lb, lh = layout.kv_indices.shape[:2]
+    if lb not in (1, b) or lh not in (1, hq):
+      raise ValueError(f"ring_attention: BlockLayout batch/heads ({lb}, {lh}) must be 1 or q's ({b}, {hq})")
+    lay = (layout.kv_indices, layout.kv_counts)
+    lspec = (batch if lb == b else None, heads if lh == hq else None)
+    lay_spec = (P(*lspec, None, None), P(*lspec, None))
+
+  def local(q, k, v, seg_q, seg_kv, lay):
     seg_all = None if seg_kv is None else lax.all_gather(seg_kv, axis_name)  # [N, B, c]
     if return_lse:
-      return ring_out_lse(cfg, q, k, v, seg_q, seg_all)
-    return ring_out(cfg, q, k, v, seg_q, seg_all)
+      return ring_out_lse(cfg, q, k, v, seg_q, seg_all, lay)
+    return ring_out(cfg, q, k, v, seg_q, seg_all, lay)
 
   seg_q, seg_kv = (None, None) if segment_ids is None else segment_ids
   fn = jax.shard_map(
     local,
-    in_specs=(qspec, qspec, qspec, seg_spec, seg_spec),
+    in_specs=(qspec, qspec, qspec, seg_spec, seg_spec, lay_spec),
     out_specs=(qspec, lse_spec) if return_lse else qspec,
     check_vma=False,
   )
-  return fn(q, k, v, seg_q, seg_kv)
+  return fn(q, k, v, seg_q, seg_kv, lay)
 
 
 def ring_flops(num_tokens: int, num_heads: int, head_dim: int, *, causal: bool, backward: bool) -> float:

@@ -41,6 +41,8 @@ class HopKernel:
     GLOBAL out/lse rows and delta = rowsum(dO * out) - dL; None: the vjp of `forward` (recomputes the hop).
   whole(q, k, v, *, mask, segment_ids, scale, return_lse): differentiable attention for a ring of one device.
   check(mask, tq, tk, has_segments): raise on a hop mask the kernel cannot run (before tracing), or None.
+  sparse: forward, backward and whole also take `layout=` (a local `BlockLayout`, block-sparse hops); only
+    passed when there is one, so kernels without it (cuDNN) keep their signatures.
   """
 
   name: str
@@ -48,6 +50,7 @@ class HopKernel:
   whole: Callable
   backward: Callable | None = None
   check: Callable | None = None
+  sparse: bool = False
 
 
 def _cudnn_check(spec: MaskSpec, tq: int, tk: int, has_segments: bool) -> None:
@@ -107,13 +110,18 @@ def cudnn_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, 
 cudnn_hop_check = _cudnn_check
 
 
-def local_forward(hop: HopKernel, q, k, v, spec: MaskSpec, seg, scale: float):
-  """(o [B, tq, Hq, D] q.dtype, lse [B, Hq, tq] fp32) of one sub-block."""
-  return hop.forward(q, k, v, mask=spec, segment_ids=seg, scale=scale)
+def _layout_kw(layout) -> dict:
+  return {} if layout is None else {"layout": layout}
 
 
-def dense_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
-  """Direct hop backward with the global lse (dense; the "xla" hop kernel). GQA without repeating K/V."""
+def local_forward(hop: HopKernel, q, k, v, spec: MaskSpec, seg, scale: float, layout=None):
+  """(o [B, tq, Hq, D] q.dtype, lse [B, Hq, tq] fp32) of one sub-block (restricted to `layout`'s blocks)."""
+  return hop.forward(q, k, v, mask=spec, segment_ids=seg, scale=scale, **_layout_kw(layout))
+
+
+def dense_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float, layout=None):
+  """Direct hop backward with the global lse (dense; the "xla" hop kernel). GQA without repeating K/V.
+  `layout` (a local BlockLayout, heads 1 or Hq) restricts the visible tiles as in the forward."""
   del out, dlse  # delta already holds the lse cotangent
   b, tq, hq, d = q.shape
   tk, hkv = k.shape[1], k.shape[2]
@@ -124,6 +132,10 @@ def dense_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, 
   vis = spec.tile_allowed(0, 0, tq, tk)[None, None, None]
   if seg is not None:
     vis = vis & (seg[0][:, None, None, :, None] == seg[1][:, None, None, None, :])
+  if layout is not None:
+    lv = layout.dense(tq, tk)  # [B or 1, 1 or Hq, tq, tk]
+    lv = lv[:, :, None] if lv.shape[1] == 1 else lv.reshape(lv.shape[0], hkv, g, tq, tk)
+    vis = vis & lv
   lse_g = lse.reshape(b, hkv, g, tq, 1)
   p = jnp.where(vis, jnp.exp(s - jnp.where(jnp.isfinite(lse_g), lse_g, 0.0)), 0.0)
   dv = jnp.einsum("bkgts,btkgd->bskd", p.astype(do.dtype), dog, preferred_element_type=jnp.float32)
@@ -134,13 +146,13 @@ def dense_hop_backward(q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, 
   return dq.reshape(b, tq, hq, d), dk, dv
 
 
-def local_backward(hop: HopKernel, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float):
+def local_backward(hop: HopKernel, q, k, v, spec: MaskSpec, seg, out, lse, do, delta, dlse, scale: float, layout=None):
   """(dq, dk, dv) fp32 of one sub-block given the global out/lse rows and delta = rowsum(dO*out) - dL."""
   if hop.backward is not None:
-    return hop.backward(q, k, v, spec, seg, out, lse, do, delta, dlse, scale)
+    return hop.backward(q, k, v, spec, seg, out, lse, do, delta, dlse, scale, **_layout_kw(layout))
   # Generic: vjp of the local attention with d o_t = w_t dO and d lse_t = w_t (rowsum(dO o_t) - delta).
   do = do.astype(jnp.float32)
-  (o_t, lse_t), vjp = jax.vjp(lambda q_, k_, v_: local_forward(hop, q_, k_, v_, spec, seg, scale), q, k, v)
+  (o_t, lse_t), vjp = jax.vjp(lambda q_, k_, v_: local_forward(hop, q_, k_, v_, spec, seg, scale, layout), q, k, v)
   finite = jnp.isfinite(lse_t)
   w = jnp.where(finite, jnp.exp(jnp.where(finite, lse_t, 0.0) - jnp.where(finite, lse, 0.0)), 0.0)  # [B,H,t]
   w_rows = jnp.swapaxes(w, 1, 2)[..., None]  # [B, t, H, 1]

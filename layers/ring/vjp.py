@@ -44,6 +44,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from layers.ring.hops import HopKernel, local_backward, local_forward
 from layers.ring.plans import Call, Plan, UniformCall
+from layers.ring.sparse import RingSparse, local_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,7 @@ class RingCfg:
   scale: float
   permute: bool = True  # False: benchmark-only "ring without communication" (wrong numbers, same compute)
   barrier: bool = True  # optimization barriers pin each permute to one hop (see the note after _ring_fwd_impl)
+  sparse: RingSparse | None = None  # block-sparse: tables cutting the global BlockLayout into hop layouts
 
 
 def _merge(o, lse, o_t, lse_t):
@@ -104,44 +106,71 @@ def _resolve(cfg: RingCfg, calls) -> list[tuple]:
   return out
 
 
-def _fwd_branch(cfg: RingCfg, calls) -> Callable:
-  def branch(o, lse, q, kv, seg_q, seg_kv):
+def _hop_layout(cfg: RingCfg, t: int, lay, q_lo, tq: int, kv_lo, tk: int):
+  """(local BlockLayout, any listed) of one hop call on this device, or (None, None) when dense."""
+  if lay is None:
+    return None, None
+  r = lax.axis_index(cfg.axis_name)
+  src = (r - t) % cfg.ring_size
+  return local_layout(cfg.sparse, lay[0], lay[1], r, src, q_lo, tq, kv_lo, tk)
+
+
+def _skip_unless(listed, compute: Callable, *state):
+  """compute(*state) where some block is listed on this device (lax.cond), else the state unchanged."""
+  if listed is None:
+    return compute(*state)
+  return lax.cond(listed, compute, lambda *s: s, *state)
+
+
+def _fwd_branch(cfg: RingCfg, t: int, calls) -> Callable:
+  def branch(o, lse, q, kv, seg_q, seg_kv, lay):
     for q_lo, tq, kv_lo, tk, mask in _resolve(cfg, calls):
-      kvb = _slice(kv, kv_lo, tk, 2)
-      seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
-      o_t, lse_t = local_forward(cfg.hop, _slice(q, q_lo, tq, 1), kvb[0], kvb[1], mask, seg, cfg.scale)
-      if o is None:  # first hop, one call covering every row: nothing to merge with
-        o, lse = o_t.astype(jnp.float32), lse_t
-        continue
-      o_new, lse_new = _merge(_slice(o, q_lo, tq, 1), _slice(lse, q_lo, tq, 2), o_t, lse_t)
-      o, lse = _put(o, q_lo, tq, 1, o_new), _put(lse, q_lo, tq, 2, lse_new)
+      layout, listed = _hop_layout(cfg, t, lay, q_lo, tq, kv_lo, tk)
+
+      def compute(o, lse, q_lo=q_lo, tq=tq, kv_lo=kv_lo, tk=tk, mask=mask, layout=layout):
+        kvb = _slice(kv, kv_lo, tk, 2)
+        seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
+        o_t, lse_t = local_forward(cfg.hop, _slice(q, q_lo, tq, 1), kvb[0], kvb[1], mask, seg, cfg.scale, layout)
+        if o is None:  # first hop, one call covering every row: nothing to merge with
+          return o_t.astype(jnp.float32), lse_t
+        o_new, lse_new = _merge(_slice(o, q_lo, tq, 1), _slice(lse, q_lo, tq, 2), o_t, lse_t)
+        return _put(o, q_lo, tq, 1, o_new), _put(lse, q_lo, tq, 2, lse_new)
+
+      o, lse = _skip_unless(listed, compute, o, lse)
     return o, lse
 
   return branch
 
 
-def _bwd_branch(cfg: RingCfg, calls) -> Callable:
-  def branch(dq, dkv, q, kv, seg_q, seg_kv, out, lse, do, delta, dlse):
+def _bwd_branch(cfg: RingCfg, t: int, calls) -> Callable:
+  def branch(dq, dkv, q, kv, seg_q, seg_kv, lay, out, lse, do, delta, dlse):
     for q_lo, tq, kv_lo, tk, mask in _resolve(cfg, calls):
-      kvb = _slice(kv, kv_lo, tk, 2)
-      seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
-      rows = lambda x, axis=1, lo=q_lo, size=tq: _slice(x, lo, size, axis)
-      dq_t, dk_t, dv_t = local_backward(
-        cfg.hop,
-        rows(q),
-        kvb[0],
-        kvb[1],
-        mask,
-        seg,
-        rows(out),
-        rows(lse, 2),
-        rows(do),
-        rows(delta, 2),
-        None if dlse is None else rows(dlse, 2),
-        cfg.scale,
-      )
-      dq = _put(dq, q_lo, tq, 1, rows(dq) + dq_t)
-      dkv = _put(dkv, kv_lo, tk, 2, _slice(dkv, kv_lo, tk, 2) + jnp.stack([dk_t, dv_t]))
+      layout, listed = _hop_layout(cfg, t, lay, q_lo, tq, kv_lo, tk)
+
+      def compute(dq, dkv, q_lo=q_lo, tq=tq, kv_lo=kv_lo, tk=tk, mask=mask, layout=layout):
+        kvb = _slice(kv, kv_lo, tk, 2)
+        seg = None if seg_q is None else (_slice(seg_q, q_lo, tq, 1), _slice(seg_kv, kv_lo, tk, 1))
+        rows = lambda x, axis=1: _slice(x, q_lo, tq, axis)
+        dq_t, dk_t, dv_t = local_backward(
+          cfg.hop,
+          rows(q),
+          kvb[0],
+          kvb[1],
+          mask,
+          seg,
+          rows(out),
+          rows(lse, 2),
+          rows(do),
+          rows(delta, 2),
+          None if dlse is None else rows(dlse, 2),
+          cfg.scale,
+          layout,
+        )
+        dq = _put(dq, q_lo, tq, 1, rows(dq) + dq_t)
+        dkv = _put(dkv, kv_lo, tk, 2, _slice(dkv, kv_lo, tk, 2) + jnp.stack([dk_t, dv_t]))
+        return dq, dkv
+
+      dq, dkv = _skip_unless(listed, compute, dq, dkv)
     return dq, dkv
 
   return branch
@@ -179,11 +208,11 @@ def _src_segments(cfg: RingCfg, seg_kv_all, t: int):
   return lax.dynamic_index_in_dim(seg_kv_all, src, axis=0, keepdims=False)
 
 
-def _ring_fwd_impl(cfg: RingCfg, q, k, v, seg_q, seg_kv_all):
+def _ring_fwd_impl(cfg: RingCfg, q, k, v, seg_q, seg_kv_all, lay):
   b, c, hq, d = q.shape
   kv = jnp.stack([k, v])  # ONE buffer: one collective-permute per hop
   first = cfg.plans[cfg.table[0][0]]
-  if len(set(cfg.table[0])) == 1 and len(first) == 1 and (first[0].q_lo, first[0].q_hi) == (0, c):
+  if lay is None and len(set(cfg.table[0])) == 1 and len(first) == 1 and (first[0].q_lo, first[0].q_hi) == (0, c):
     o = lse = None  # hop 0 writes every row directly (no merge with zeros)
   else:
     o = jnp.zeros((b, c, hq, d), jnp.float32)
@@ -191,7 +220,7 @@ def _ring_fwd_impl(cfg: RingCfg, q, k, v, seg_q, seg_kv_all):
   for t in range(cfg.ring_size):
     kv_next = _shift(cfg, kv) if t < cfg.ring_size - 1 else None  # issued before this hop's compute
     o, lse = _dispatch(
-      cfg, t, functools.partial(_fwd_branch, cfg), o, lse, q, kv, seg_q, _src_segments(cfg, seg_kv_all, t)
+      cfg, t, functools.partial(_fwd_branch, cfg, t), o, lse, q, kv, seg_q, _src_segments(cfg, seg_kv_all, t), lay
     )
     if kv_next is not None and cfg.barrier:
       kv_next, o, lse = lax.optimization_barrier((kv_next, o, lse))
@@ -236,7 +265,7 @@ def _unpack(buf, kv_dtype):
 
 
 def _ring_bwd_impl(cfg: RingCfg, res, do, dlse):
-  q, k, v, seg_q, seg_kv_all, out, lse = res
+  q, k, v, seg_q, seg_kv_all, lay, out, lse = res
   delta = jnp.einsum("bthd,bthd->bht", do.astype(jnp.float32), out.astype(jnp.float32))
   if dlse is not None:
     dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)  # rows that saw no key
@@ -244,8 +273,8 @@ def _ring_bwd_impl(cfg: RingCfg, res, do, dlse):
   kv = jnp.stack([k, v])
   dq = jnp.zeros(q.shape, jnp.float32)
   dkv = jnp.zeros(kv.shape, jnp.float32)
-  make = functools.partial(_bwd_branch, cfg)
   for t in range(cfg.ring_size):
+    make = functools.partial(_bwd_branch, cfg, t)
     send_kv, send_dkv = t < cfg.ring_size - 1, t > 0  # dkv: hop t-1's block accumulator, one hop behind K/V
     if send_kv and send_dkv and _packable(kv):
       kv_next, dkv = _unpack(_shift(cfg, _pack(kv, dkv)), kv.dtype)
@@ -253,7 +282,7 @@ def _ring_bwd_impl(cfg: RingCfg, res, do, dlse):
       kv_next = _shift(cfg, kv) if send_kv else None
       dkv = _shift(cfg, dkv) if send_dkv else dkv
     segs = _src_segments(cfg, seg_kv_all, t)
-    dq, dkv = _dispatch(cfg, t, make, dq, dkv, q, kv, seg_q, segs, out, lse, do, delta, dlse)
+    dq, dkv = _dispatch(cfg, t, make, dq, dkv, q, kv, seg_q, segs, lay, out, lse, do, delta, dlse)
     if kv_next is not None and cfg.barrier:
       kv_next, dq, dkv = lax.optimization_barrier((kv_next, dq, dkv))
     kv = kv_next
@@ -267,43 +296,43 @@ def _ring_bwd_impl(cfg: RingCfg, res, do, dlse):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_out(cfg, q, k, v, seg_q, seg_kv_all):
-  return _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)[0]
+def ring_out(cfg, q, k, v, seg_q, seg_kv_all, lay):
+  return _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all, lay)[0]
 
 
-def _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all):
+def _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all, lay):
   """Forward plus residuals; out/lse are named so a remat policy can keep them
   (`jax.checkpoint_policies.save_only_these_names("ring_out", "ring_lse")`)."""
-  out, lse = _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)
+  out, lse = _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all, lay)
   out, lse = checkpoint_name(out, "ring_out"), checkpoint_name(lse, "ring_lse")
-  return out, lse, (q, k, v, seg_q, seg_kv_all, out, lse)
+  return out, lse, (q, k, v, seg_q, seg_kv_all, lay, out, lse)
 
 
-def _ring_out_fwd(cfg, q, k, v, seg_q, seg_kv_all):
-  out, _, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all)
+def _ring_out_fwd(cfg, q, k, v, seg_q, seg_kv_all, lay):
+  out, _, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all, lay)
   return out, res
 
 
 def _ring_out_bwd(cfg, res, do):
-  return (*_ring_bwd_impl(cfg, res, do, None), None, None)
+  return (*_ring_bwd_impl(cfg, res, do, None), None, None, None)
 
 
 ring_out.defvjp(_ring_out_fwd, _ring_out_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ring_out_lse(cfg, q, k, v, seg_q, seg_kv_all):
-  return _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all)
+def ring_out_lse(cfg, q, k, v, seg_q, seg_kv_all, lay):
+  return _ring_fwd_impl(cfg, q, k, v, seg_q, seg_kv_all, lay)
 
 
-def _ring_out_lse_fwd(cfg, q, k, v, seg_q, seg_kv_all):
-  out, lse, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all)
+def _ring_out_lse_fwd(cfg, q, k, v, seg_q, seg_kv_all, lay):
+  out, lse, res = _ring_residuals(cfg, q, k, v, seg_q, seg_kv_all, lay)
   return (out, lse), res
 
 
 def _ring_out_lse_bwd(cfg, res, g):
   do, dlse = g
-  return (*_ring_bwd_impl(cfg, res, do, dlse), None, None)
+  return (*_ring_bwd_impl(cfg, res, do, dlse), None, None, None)
 
 
 ring_out_lse.defvjp(_ring_out_lse_fwd, _ring_out_lse_bwd)

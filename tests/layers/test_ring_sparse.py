@@ -1,0 +1,169 @@
+"""Block-sparse attention inside ring attention (layers/ring/sparse.py) on 8 fake CPU devices.
+
+Ring + layout must equal single-device attention with the same layout (`attention(..., layout=)` without a
+ring), forward and dq/dk/dv in fp32, for every token layout. The layout is global in ORIGINAL positions (like
+the mask); the ring runs on the permuted sequence and its results are compared after permuting the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+from layers import ring
+from layers.attention import Ring, attention, hop_kernel
+from pallas_kernels.layout import BlockLayout, MaskSpec
+
+AXES = ("data", "fsdp", "seq", "tensor")
+T, B, HQ, HKV, D = 64, 2, 4, 2, 8
+TPF = 4  # frame size of the frame_striped / frame-causal cases
+BLOCK = 4  # layout blocks: 16 q blocks x 16 kv blocks
+RTOL = 1e-5
+
+
+def _mesh(shape):
+  n = int(np.prod(shape))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 4, devices=jax.devices()[:n])
+
+
+def _random_layout(seed: int, *, batch: int, heads: int, density: float = 0.35) -> BlockLayout:
+  """A random block list: some rows empty, others with a few blocks anywhere in the sequence."""
+  nb = T // BLOCK
+  bm = np.random.default_rng(seed).random((batch, heads, nb, nb)) < density
+  bm[..., 3, :] = False  # a q block with no listed kv block at all
+  return BlockLayout.from_block_mask(bm, BLOCK, BLOCK)
+
+
+def _diagonal_layout() -> BlockLayout:
+  """Only each q block's own kv block: under a ring every hop but hop 0 has nothing listed on any device."""
+  nb = T // BLOCK
+  return BlockLayout.from_block_mask(np.eye(nb, dtype=bool)[None, None], BLOCK, BLOCK)
+
+
+def _inputs(seed):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(ks[0], (B, T, HQ, D), jnp.float32)
+  k = jax.random.normal(ks[1], (B, T, HKV, D), jnp.float32)
+  v = jax.random.normal(ks[2], (B, T, HKV, D), jnp.float32)
+  g = jax.random.normal(ks[3], (B, T, HQ, D), jnp.float32)
+  return q, k, v, g
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert np.all(np.isfinite(a)), "NaN/inf in the ring result"
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _compare(token_layout, mask, layout, *, mesh_shape=(1, 1, 4, 2), kernel="xla", hop=None, seed=0) -> float:
+  """Max relative error over (out, dq, dk, dv) of ring + layout vs single-device attention with the layout."""
+  q, k, v, g = _inputs(seed)
+  n = mesh_shape[2]
+  tpf = TPF if token_layout == "frame_striped" else 1
+  perm = ring.token_permutation(T, n, token_layout, tpf)
+
+  def loss_ref(q, k, v):
+    o = attention(q, k, v, mask=mask, layout=layout, kernel=kernel)
+    return jnp.sum(o * g), o
+
+  (_, o_ref), grads_ref = jax.jit(jax.value_and_grad(loss_ref, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  gp = g[:, perm]
+
+  def loss_ring(q, k, v):
+    if hop is None:
+      cp = Ring(token_layout, tokens_per_frame=TPF if token_layout == "frame_striped" else None)
+      o = attention(q, k, v, mask=mask, layout=layout, kernel=kernel, context_parallel=cp)
+    else:
+      o = ring.ring_attention(
+        q, k, v, mask=mask, layout=layout, hop=hop, token_layout=token_layout,
+        tokens_per_frame=TPF if token_layout == "frame_striped" else None,
+      )
+    return jnp.sum(o * gp), o
+
+  with jax.set_mesh(_mesh(mesh_shape)):
+    (_, o), grads = jax.jit(jax.value_and_grad(loss_ring, argnums=(0, 1, 2), has_aux=True))(
+      q[:, perm], k[:, perm], v[:, perm]
+    )
+  assert float(jnp.max(jnp.abs(o_ref))) > 0.1, "the reference attends nothing: the test would be vacuous"
+  errs = [_rel(o, o_ref[:, perm])] + [_rel(a, b[:, perm]) for a, b in zip(grads, grads_ref)]
+  return max(errs)
+
+
+CASES = {
+  # token layout, mask, layout (batch, heads): per-head per-batch lists, and a list shared by batch and heads
+  "contiguous_causal": ("contiguous", MaskSpec.causal(), (B, HQ)),
+  "zigzag_causal": ("zigzag", MaskSpec.causal(), (B, HQ)),
+  "zigzag_bidirectional_shared": ("zigzag", MaskSpec.bidirectional(), (1, 1)),
+  "frame_striped_frame_causal": ("frame_striped", MaskSpec.frame_causal(TPF), (B, HQ)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ring_sparse_matches_single_device_sparse(case):
+  """Ring 4 x heads over tensor 2: out, dq, dk, dv equal single-device sparse attention (xla hop kernel)."""
+  token_layout, mask, (lb, lh) = CASES[case]
+  layout = _random_layout(list(CASES).index(case), batch=lb, heads=lh)
+  err = _compare(token_layout, mask, layout)
+  assert err < RTOL, f"{case}: relative error {err:.2e}"
+
+
+def test_ring_sparse_ring_of_8_frame_striped():
+  """All 8 devices on the ring (frame_striped: every device's q rows and kv columns are interleaved frames)."""
+  layout = _random_layout(5, batch=B, heads=HQ)
+  err = _compare("frame_striped", MaskSpec.causal(), layout, mesh_shape=(1, 1, 8, 1))
+  assert err < RTOL, f"relative error {err:.2e}"
+
+
+def _poisoned(hop):
+  """The hop kernel, returning NaNs whenever it runs a call with no listed block: results stay finite only if
+  every such call is skipped (lax.cond on "any listed")."""
+
+  def poison(x, layout):
+    return x + jnp.where(jnp.sum(layout.kv_counts) == 0, jnp.nan, 0.0)
+
+  def forward(q, k, v, *, layout=None, **kw):
+    o, lse = hop.forward(q, k, v, layout=layout, **kw)
+    return poison(o, layout), lse
+
+  def backward(*args, layout=None):
+    return tuple(poison(x, layout) for x in hop.backward(*args, layout=layout))
+
+  return dataclasses.replace(hop, forward=forward, backward=backward)
+
+
+@pytest.mark.parametrize("token_layout", ["contiguous", "zigzag"])
+def test_hops_without_listed_blocks_are_skipped(token_layout):
+  """A block-diagonal layout lists nothing for hops 1..N-1 on every device: those hops must not run (forward or
+  backward), and the result still equals single-device sparse attention."""
+  err = _compare(
+    token_layout, MaskSpec.bidirectional(), _diagonal_layout(), mesh_shape=(1, 1, 4, 1), hop=_poisoned(hop_kernel("xla"))
+  )
+  assert err < RTOL, f"relative error {err:.2e}"
+
+
+def test_ring_sparse_with_interpret_flash_hops():
+  """The Pallas flash hop kernel (interpret mode on CPU) walks the local lists, forward and backward."""
+  layout = _random_layout(7, batch=B, heads=HQ)
+  err = _compare("zigzag", MaskSpec.causal(), layout, mesh_shape=(1, 1, 2, 1), kernel="flash")
+  assert err < RTOL, f"relative error {err:.2e}"
+
+
+def test_ring_sparse_block_must_divide_the_stored_runs():
+  """zigzag over 8 devices stores runs of 4 tokens: blocks of 8 cannot be cut per device (one-line error)."""
+  q, k, v, _ = _inputs(0)
+  bm = np.ones((1, 1, T // 8, T // 8), bool)
+  layout = BlockLayout.from_block_mask(bm, 8, 8)
+  with jax.set_mesh(_mesh((1, 1, 8, 1))), pytest.raises(ValueError, match=r"block_q=8 does not divide the zigzag"):
+    attention(q, k, v, mask=MaskSpec.causal(), layout=layout, kernel="xla", context_parallel=Ring("zigzag"))
+
+
+def test_cudnn_hops_refuse_a_layout():
+  q, k, v, _ = _inputs(0)
+  layout = _random_layout(0, batch=1, heads=1)
+  with jax.set_mesh(_mesh((1, 1, 4, 1))), pytest.raises(ValueError, match="takes no BlockLayout"):
+    ring.ring_attention(q, k, v, mask=MaskSpec.causal(), layout=layout, hop=hop_kernel("cudnn"))
