@@ -104,23 +104,14 @@ class SparsityConfig:
   dense_layers: tuple[str, ...] = ()
 
   def dense_layer_set(self, num_layers: int) -> frozenset[int]:
-    """The indices of `dense_layers` in 0..num_layers-1 (ConfigError on a bad entry)."""
-    out = set()
-    for entry in self.dense_layers:
-      e = str(entry).strip()
-      if e in ("first", "last"):
-        out.add(0 if e == "first" else num_layers - 1)
-        continue
-      try:
-        i = int(e)
-      except ValueError:
-        raise ConfigError(
-          f"config.attention.sparsity.dense_layers: {entry!r} is not a layer index or first/last"
-        ) from None
-      if not -num_layers <= i < num_layers:
-        raise ConfigError(f"config.attention.sparsity.dense_layers: layer {i} is out of range for {num_layers} layers")
-      out.add(i % num_layers)
-    return frozenset(out)
+    """The indices of `dense_layers` in 0..num_layers-1 (ConfigError on a bad entry); the parsing is the
+    selectors' own (layers.sparse.dense_layers), so the config check and the model agree by construction."""
+    from layers.sparse import dense_layers  # noqa: PLC0415  (keep jax out of config import time)
+
+    try:
+      return frozenset(dense_layers(self.dense_layers, num_layers))
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 SPARSITY_METHODS: tuple[str, ...] = ("none", "static", "moba", "xattention", "vmoba")  # = layers.sparse.METHODS

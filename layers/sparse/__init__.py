@@ -32,7 +32,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
 
 __all__ = [
   "METHODS", "PARAMS", "MobaSelector", "Selector", "StaticSelector", "VMobaSelector", "XAttentionSelector",
-  "check_params", "make_selector",
+  "check_params", "dense_layers", "make_selector",
 ]
 
 
@@ -75,7 +75,7 @@ def make_selector(
     raise ValueError(why)
   if config.method == "none":
     return None
-  dense = frozenset(_dense_layers(config.dense_layers, num_layers))
+  dense = frozenset(dense_layers(config.dense_layers, num_layers))
   grid = None if video_grid is None else tuple(int(x) for x in video_grid)
   base = dict(block_q=config.block_q, block_kv=config.block_kv, dense_layers=dense)
   if config.method == "static":
@@ -92,7 +92,8 @@ def make_selector(
   )
 
 
-def _dense_layers(entries, num_layers: int) -> set[int]:
+def dense_layers(entries, num_layers: int) -> set[int]:
+  """Layer indices named by `attention.sparsity.dense_layers` (ints, negative from the end, or first/last)."""
   out = set()
   for entry in entries:
     e = str(entry).strip()
