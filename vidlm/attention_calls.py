@@ -80,6 +80,7 @@ def attention_calls(
   group = tpf if a.ring_layout == "frame_striped" else 1
   plans, table, _ = ring_lib.build_plans(mask, n_tokens, n, a.ring_layout, group)
   calls, seen = [], set()
+  sp = a.sparsity
   for t, row in enumerate(table):
     for r, plan_id in enumerate(row):
       for c in plans[plan_id]:
@@ -88,7 +89,11 @@ def attention_calls(
           continue
         seen.add(key)
         where = f"ring hop {t} on seq device {r} ({a.ring_layout}, ring of {n}): [{key[0]} x {key[1]}] {c.mask.kind}"
-        calls.append(AttentionCall(where, *shapes(key[0], key[1]), c.mask, kernel, return_lse=True))
+        layout = None
+        if sp.method != "none" and key[0] % sp.block_q == 0:  # the hop's local layout (blocks checked above)
+          layout = _abstract_layout(cfg, key[0])
+          where += f" with a {sp.method} BlockLayout"
+        calls.append(AttentionCall(where, *shapes(key[0], key[1]), c.mask, kernel, return_lse=True, layout=layout))
   return calls
 
 
@@ -106,6 +111,8 @@ def unsupported_calls(
     if call.kernel == "cudnn" and call.return_lse:  # a ring hop: cuDNN's private lse path, square causal / full only
       # platform and dtype as for a plain causal call; then the hop mask
       reason = attention_lib.unsupported("cudnn", call.q, call.k, call.k, mask=MaskSpec.causal(), platform=platform)
+      if reason is None and call.layout is not None:
+        reason = "kernel=cudnn cannot take a BlockLayout; use kernel=flash or xla"
       if reason is None:
         try:
           ring_lib.cudnn_hop_check(call.mask, call.q.shape[1], call.k.shape[1], call.has_segments)
@@ -125,7 +132,7 @@ def check_attention_calls(
   cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None
 ) -> None:
   """ConfigError (one line) naming the first call no kernel can run, how many there are, and what to change."""
-  check_sparsity_shapes(cfg)
+  check_sparsity_shapes(cfg, num_devices=num_devices)
   bad = unsupported_calls(cfg, num_devices=num_devices, platform=platform)
   if not bad:
     return
@@ -148,15 +155,17 @@ def _abstract_layout(cfg: config_lib.Config, n_tokens: int) -> BlockLayout | Non
   return BlockLayout(idx, cnt, sp.block_q, sp.block_kv)
 
 
-def check_sparsity_shapes(cfg: config_lib.Config) -> None:
+def check_sparsity_shapes(cfg: config_lib.Config, *, num_devices: int | None = None) -> None:
   """ConfigError (one line, naming the field) when the selector cannot cut this model's sequence into blocks."""
   sp, a = cfg.attention.sparsity, cfg.attention
   if sp.method == "none":
     return
-  if a.context_parallel == "ring":
+  if a.context_parallel == "ring" and a.ring_layout != "contiguous":
+    # the selectors score the layer's q/k as the model stores them; only the contiguous layout stores the tokens
+    # in their original order, which the layout (like the mask) is indexed by
     raise config_lib.ConfigError(
-      f"config.attention.sparsity.method={sp.method}: block-sparse attention inside context_parallel=ring is not "
-      "built yet; use context_parallel=none or sparsity.method=none"
+      f"config.attention.sparsity.method={sp.method}: block-sparse attention inside context_parallel=ring needs "
+      f"attention.ring_layout=contiguous (the selectors do not see {a.ring_layout} storage order yet)"
     )
   n_tokens = config_lib.sequence_length(cfg)
   for name in ("block_q", "block_kv"):
@@ -165,6 +174,12 @@ def check_sparsity_shapes(cfg: config_lib.Config) -> None:
         f"config.attention.sparsity.{name}={getattr(sp, name)} does not divide the sequence length {n_tokens} "
         f"(video {config_lib.video_tokens(cfg)} + text {cfg.data.text_len}); pick a block that divides it"
       )
+  n = _ring_size(cfg, num_devices) if a.context_parallel == "ring" else 1
+  if n is not None and n > 1 and (n_tokens % n or (n_tokens // n) % max(sp.block_q, sp.block_kv)):
+    raise config_lib.ConfigError(
+      f"config.attention.sparsity.block_q={sp.block_q}/block_kv={sp.block_kv} must divide each ring device's "
+      f"{n_tokens / n:g} tokens ({n_tokens} over mesh.seq={n}); pick smaller blocks"
+    )
   tpf = config_lib.tokens_per_frame(cfg)
   if sp.method == "vmoba" and tpf % sp.block_kv:
     raise config_lib.ConfigError(

@@ -167,3 +167,73 @@ def test_cudnn_hops_refuse_a_layout():
   layout = _random_layout(0, batch=1, heads=1)
   with jax.set_mesh(_mesh((1, 1, 4, 1))), pytest.raises(ValueError, match="takes no BlockLayout"):
     ring.ring_attention(q, k, v, mask=MaskSpec.causal(), layout=layout, hop=hop_kernel("cudnn"))
+
+
+# ---- attention.sparsity with context_parallel=ring: config checks and VideoLM -------------------------------------
+
+
+def _tiny_cfg(seq: int, layout: str = "contiguous", block: int = 8):
+  from vidlm import config as C  # noqa: PLC0415
+
+  cfg = C.Config()
+  cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.text_len = 4, 16, 32, 32  # 32 video + 32 text tokens
+  m = cfg.model
+  m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 4, 2, 16, 64
+  cfg.attention.kernel = "xla"
+  sp = cfg.attention.sparsity
+  sp.method, sp.block_q, sp.block_kv, sp.top_k = "moba", block, block, 2
+  if seq > 1:
+    cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", layout
+  cfg.mesh = C.MeshConfig(data=1, seq=seq)
+  cfg.train.batch_size = 2
+  return cfg
+
+
+def test_ring_sparsity_config_checks():
+  """Allowed on CPU (contiguous storage); one line for other storage orders, blocks that do not tile a device's
+  tokens, and the GPU hop kernels (no layouts)."""
+  from vidlm import config as C  # noqa: PLC0415
+
+  C.validate(_tiny_cfg(4), num_devices=4, platform="cpu")
+  cases = [
+    (_tiny_cfg(4, layout="zigzag"), "cpu", "needs attention.ring_layout=contiguous"),
+    (_tiny_cfg(4, block=32), "cpu", r"block_q=32/block_kv=32 must divide each ring device's 16 tokens"),
+    (_tiny_cfg(4), "gpu", "BlockLayout"),
+  ]
+  for cfg, platform, needle in cases:
+    if platform == "gpu":
+      cfg.attention.kernel, cfg.model.dtype = "auto", "bfloat16"
+    with pytest.raises(C.ConfigError, match=needle) as e:
+      C.validate(cfg, num_devices=4, platform=platform)
+    assert "\n" not in str(e.value)
+
+
+def test_videolm_with_selector_ring_equals_single_device():
+  """A tiny VideoLM with the moba selector: loss and gradients under a ring of 4 equal those without a ring."""
+  from flax import nnx  # noqa: PLC0415
+
+  from vidlm.models.registry import build_model  # noqa: PLC0415
+  from vidlm.sharding import make_mesh  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (2, 32)).astype(np.int32)
+  batch = {
+    "frames": jnp.asarray(rng.random((2, 4, 16, 32, 3)), jnp.float32),
+    "tokens": jnp.asarray(tokens),
+    "targets": jnp.asarray(np.roll(tokens, -1, axis=1)),
+    "loss_mask": jnp.ones((2, 32), jnp.float32),
+  }
+
+  def loss_and_grads(seq):
+    cfg = _tiny_cfg(seq)
+    model = build_model(cfg, nnx.Rngs(0))
+    fn = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m: m.loss(b)[0])(m))
+    with jax.set_mesh(make_mesh(cfg.mesh, jax.devices()[: seq])):
+      loss, grads = fn(model, batch)
+    return float(loss), jax.tree.leaves(nnx.state(grads, nnx.Param))
+
+  loss_ref, g_ref = loss_and_grads(1)
+  loss_ring, g_ring = loss_and_grads(4)
+  np.testing.assert_allclose(loss_ring, loss_ref, rtol=1e-5)
+  for a, b in zip(g_ring, g_ref, strict=True):
+    assert _rel(a, b) < 1e-4

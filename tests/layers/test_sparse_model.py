@@ -55,8 +55,8 @@ def test_vmoba_block_must_divide_frame_and_ring_is_refused():
   with pytest.raises(C.ConfigError, match=r"block_kv=16 must divide the frame size 8"):
     C.validate(cfg, num_devices=1, platform="cpu")
   cfg = tiny("moba")
-  cfg.attention.context_parallel = "ring"
-  with pytest.raises(C.ConfigError, match="not built yet"):
+  cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "zigzag"
+  with pytest.raises(C.ConfigError, match="needs attention.ring_layout=contiguous"):
     C.validate(cfg, num_devices=1, platform="cpu")
 
 
