@@ -9,9 +9,16 @@ import pytest
 from flax import nnx
 
 from layers.memory import (
-  BridgeLayer, Retriever, fixed_segments, memory_step, run_segments, scene_tiling, segment_frame_table, write_cache,
+  BridgeLayer,
+  Retriever,
+  fixed_segments,
+  memory_step,
+  run_segments,
+  scene_tiling,
+  segment_frame_table,
+  write_cache,
 )
-from layers.memory.scene import adjacent_similarity, depth_scores
+from layers.memory.scene import depth_scores
 from vidlm.data import procedural
 
 E, HEADS, HEAD_DIM, MLP, M = 16, 2, 8, 32, 3
@@ -122,6 +129,14 @@ def parts():
     return BridgeLayer(E, HEADS, HEAD_DIM, MLP, kernel="xla", rngs=rngs), Retriever(E, HEADS, HEAD_DIM, kernel="xla", rngs=rngs)
 
 
+def _call(module, *args):
+  return module(*args)
+
+
+_jit_call = nnx.jit(_call)  # one compile per shape instead of op-by-op eager dispatch
+_jit_run = nnx.jit(run_segments, static_argnames="remat")
+
+
 def _normal(key, shape):
   return jax.random.normal(jax.random.key(key), shape, jnp.float32)
 
@@ -130,17 +145,17 @@ def test_bridge_padding_never_changes_the_result(parts):
   bridge, _ = parts
   mem, tok = _normal(0, (2, M, E)), _normal(1, (2, 5, E))
   pos = jnp.broadcast_to(jnp.arange(5)[None, :, None], (2, 5, 3))
-  m_ref, o_ref = bridge(mem, tok, jnp.ones((2, 5), bool), pos)
+  m_ref, o_ref = _jit_call(bridge, mem, tok, jnp.ones((2, 5), bool), pos)
   garbage = 1e3 * _normal(2, (2, 4, E)).at[0, 1].set(jnp.nan)
   padded = jnp.concatenate([tok, garbage], axis=1)
   pos_pad = jnp.concatenate([pos, jnp.full((2, 4, 3), 99)], axis=1)
   mask = jnp.arange(9)[None, :] < 5
-  m_pad, o_pad = bridge(mem, padded, jnp.broadcast_to(mask, (2, 9)), pos_pad)
+  m_pad, o_pad = _jit_call(bridge, mem, padded, jnp.broadcast_to(mask, (2, 9)), pos_pad)
   np.testing.assert_allclose(m_pad, m_ref, atol=1e-6)
   np.testing.assert_allclose(o_pad[:, :5], o_ref, atol=1e-6)
   assert not np.asarray(o_pad[:, 5:]).any()
   # and the memory does read the segment: another valid token changes it
-  m_other, _ = bridge(mem, tok.at[:, 2].add(1.0), jnp.ones((2, 5), bool), pos)
+  m_other, _ = _jit_call(bridge, mem, tok.at[:, 2].add(1.0), jnp.ones((2, 5), bool), pos)
   assert float(jnp.abs(m_other - m_ref).max()) > 1e-3
 
 
@@ -149,10 +164,10 @@ def test_retriever_ignores_unused_slots_and_cache_write_hits_slot(parts):
   b, s = 2, 6
   mem, cache = _normal(3, (b, M, E)), _normal(4, (b, s, M, E))
   count = jnp.asarray([2, 4])
-  ref = retriever(mem, cache, count)
+  ref = _jit_call(retriever, mem, cache, count)
   junk = jnp.where((jnp.arange(s)[None, :] >= count[:, None])[..., None, None], 1e4 * _normal(5, cache.shape), cache)
-  np.testing.assert_allclose(retriever(mem, junk, count), ref, atol=1e-6)
-  assert float(jnp.abs(retriever(mem, cache, count + 1) - ref).max()) > 1e-4  # the slots do matter once valid
+  np.testing.assert_allclose(_jit_call(retriever, mem, junk, count), ref, atol=1e-6)
+  assert float(jnp.abs(_jit_call(retriever, mem, cache, count + 1) - ref).max()) > 1e-4  # the slots do matter once valid
   new = _normal(6, (b, M, E))
   written, count2 = write_cache(cache, count, new, jnp.asarray([True, False]))
   np.testing.assert_array_equal(np.asarray(count2), [3, 4])
@@ -165,40 +180,61 @@ def test_retriever_ignores_unused_slots_and_cache_write_hits_slot(parts):
 # ---------------------------------------------------------------- recurrence
 
 
-def _unrolled(bridge, retriever, memory, tokens, token_mask, valid):
-  """The recurrence as a plain Python loop over memory_step (no scan, no remat)."""
-  bsz, k = tokens.shape[:2]
-  carry = (memory, jnp.zeros((bsz, k, *memory.shape[1:])), jnp.zeros((bsz,), jnp.int32))
-  mems = []
-  for s in range(k):
-    carry, (m, _) = memory_step(bridge, retriever, carry, tokens[:, s], token_mask[:, s], valid[:, s])
-    mems.append(m)
-  return carry, jnp.stack(mems, axis=1)
-
-
 def test_scan_remat_gradients_equal_unrolled_over_32_segments(parts):
+  """Gradients (parameters and inputs) of the nnx.scan + remat recurrence equal those of a Python loop over 32
+  segments. The loop runs one jitted step per segment forward and one jitted step vjp per segment backward (each
+  compiled once), accumulating the parameter gradients by hand: independent of how JAX differentiates a scan."""
   bridge, retriever = parts
   b, k, n = 1, 32, 4
   tokens, mem0 = _normal(7, (b, k, n, E)), _normal(8, (b, M, E))
   mask = jnp.ones((b, k, n), bool).at[:, :, 3].set(jnp.arange(k)[None, :] % 3 == 0)
   valid = jnp.ones((b, k), bool)
   target = _normal(9, (b, k, M, E))
+  graph, params = nnx.split((bridge, retriever))
 
-  def loss(parts, tokens, scanned):
-    br, rt = parts
-    if scanned:
-      (m, _, _), (mems, _) = run_segments(br, rt, mem0, tokens, mask, valid, remat="full")
-    else:
-      (m, _, _), mems = _unrolled(br, rt, mem0, tokens, mask, valid)
+  def objective(m, mems):
     return jnp.mean((mems - target) ** 2) + jnp.mean(m**2)
 
-  grad = nnx.grad(loss, argnums=(0, 1))
-  g_scan = nnx.jit(grad, static_argnums=2)((bridge, retriever), tokens, True)
-  g_loop = nnx.jit(grad, static_argnums=2)((bridge, retriever), tokens, False)
+  def scanned(params, tokens):
+    br, rt = nnx.merge(graph, params)
+    (m, _, _), (mems, _) = run_segments(br, rt, mem0, tokens, mask, valid, remat="full")
+    return objective(m, mems)
+
+  def step(params, mem, cache, count, tok, tmask, ok):
+    br, rt = nnx.merge(graph, params)
+    (mem, cache, count), (m, _) = memory_step(br, rt, (mem, cache, count), tok, tmask, ok)
+    return mem, cache, count, m
+
+  @jax.jit
+  def step_vjp(params, mem, cache, count, tok, tmask, ok, ct_mem, ct_cache, ct_m):
+    def f(p, m_, c_, t_):
+      mem, cache, _, m = step(p, m_, c_, count, t_, tmask, ok)
+      return mem, cache, m
+
+    return jax.vjp(f, params, mem, cache, tok)[1]((ct_mem, ct_cache, ct_m))
+
+  l_scan, g_scan = jax.jit(jax.value_and_grad(scanned, argnums=(0, 1)))(params, tokens)
+  # the unrolled loop: forward segment by segment, then the chain rule by hand from the last segment back
+  fwd = jax.jit(step)
+  carries, mems = [(mem0, jnp.zeros((b, k, M, E)), jnp.zeros((b,), jnp.int32))], []
+  for s in range(k):
+    *carry, m = fwd(params, *carries[-1], tokens[:, s], mask[:, s], valid[:, s])
+    carries.append(tuple(carry))
+    mems.append(m)
+  l_loop, (ct_mem, ct_mems) = jax.value_and_grad(objective, argnums=(0, 1))(carries[-1][0], jnp.stack(mems, axis=1))
+  ct_cache, g_params, g_tokens = jnp.zeros((b, k, M, E)), jax.tree.map(jnp.zeros_like, params), []
+  for s in reversed(range(k)):
+    d_params, ct_mem, ct_cache, d_tok = step_vjp(
+      params, *carries[s], tokens[:, s], mask[:, s], valid[:, s], ct_mem, ct_cache, ct_mems[:, s]
+    )
+    g_params = jax.tree.map(jnp.add, g_params, d_params)
+    g_tokens.insert(0, d_tok)
+  g_loop = (g_params, jnp.stack(g_tokens, axis=1))
+  np.testing.assert_allclose(float(l_scan), float(l_loop), rtol=1e-6)
   flat_scan, flat_loop = jax.tree.leaves(g_scan), jax.tree.leaves(g_loop)
   assert len(flat_scan) == len(flat_loop) > 10
-  for a, c in zip(flat_scan, flat_loop):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-5, rtol=1e-5)
+  for x, y in zip(flat_scan, flat_loop):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5, rtol=1e-5)
   # the first segment's tokens reach the loss through all 31 later steps
   assert float(jnp.abs(g_scan[1][:, 0]).max()) > 0
 
@@ -210,12 +246,12 @@ def test_padding_segments_equal_running_only_the_valid_ones(parts):
   tokens = 50.0 * _normal(10, (b, 6, n, E))  # padding segments hold garbage
   mask = jnp.ones((b, 6, n), bool)
   mem0 = _normal(11, (b, M, E))
-  (m, cache, count), (mems, outs) = run_segments(bridge, retriever, mem0, tokens, mask, valid, remat="dots")
+  (m, cache, count), (mems, outs) = _jit_run(bridge, retriever, mem0, tokens, mask, valid, remat="dots")
   np.testing.assert_array_equal(np.asarray(count), [3, 2])
   for row in range(b):
     idx = np.nonzero(np.asarray(valid[row]))[0]
     sub = tokens[row : row + 1, idx]
-    (m1, c1, n1), (ms1, os1) = run_segments(
+    (m1, c1, _), (ms1, os1) = _jit_run(
       bridge, retriever, mem0[row : row + 1], sub, mask[row : row + 1, idx], jnp.ones((1, len(idx)), bool), remat="none"
     )
     np.testing.assert_allclose(m[row], m1[0], atol=1e-5)
