@@ -3,6 +3,7 @@
   layouts.py  token layouts: which original positions each device stores (`token_permutation`)
   plans.py    static hop plans: which sub-blocks each (hop, device) computes under which static mask
   hops.py     per-hop kernels: the `HopKernel` contract the caller hands in, cuDNN / dense hop functions
+  sparse.py   block-sparse: the global BlockLayout cut into each hop call's local layout (`local_layout`)
   vjp.py      the ring: custom_vjp forward and backward loops rotating K/V (and dK/dV) with `ppermute`
   api.py      the entry point `ring_attention` (shard_map, mesh axes from the rules table) and `ring_flops`
 

@@ -85,6 +85,11 @@ def ring_attention(
   the mesh axes the rules table (`layers.partitioning`) gives "batch" and "heads", as far as they divide.
   Returns out [B, T, Hq, D] (and lse [B, Hq, T] fp32).
 
+  `layout` (block-sparse, a selector's `BlockLayout`) is indexed in ORIGINAL positions like the mask, batch and
+  heads 1 or q's; its blocks must divide the runs each device stores (`ring.sparse`). Each hop then computes
+  only the listed blocks of the travelling K/V chunk, and a hop call with nothing listed on the device is
+  skipped (forward and backward). The hop kernel must take layouts (`HopKernel.sparse`: xla, flash, reference).
+
   Args:
     hop: the per-hop attention kernel (`layers.attention.hop_kernel("xla" | "flash" | "cudnn" | "reference")`).
     axis_name: the ring's mesh axis; None: the one the rules table gives the logical "tokens" axis (seq).

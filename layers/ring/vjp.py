@@ -26,6 +26,10 @@ home.
 Dispatch. A hop whose plan is the same on every device runs statically; a uniform hop (see `plans`) slices at
 per-device offsets; otherwise `lax.switch` over the distinct plans. The permute is never inside a conditional.
 
+Block-sparse (`RingCfg.sparse`): the global layout arrays ride along as operands; each hop call cuts its local
+layout (`sparse.local_layout`) and runs under `lax.cond(any block listed on this device)`, forward and backward,
+so a hop call with nothing listed costs the layout arithmetic only.
+
 Segment ids (packing): the kv segment ids of the whole sequence are all-gathered once by the caller (int32
 [B, T] per device: negligible) and each hop slices the source's part; this is equivalent to rotating them with
 K/V and saves a collective per hop.
