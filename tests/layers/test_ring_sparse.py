@@ -237,3 +237,15 @@ def test_videolm_with_selector_ring_equals_single_device():
   np.testing.assert_allclose(loss_ring, loss_ref, rtol=1e-5)
   for a, b in zip(g_ring, g_ref, strict=True):
     assert _rel(a, b) < 1e-4
+
+
+def test_ring_of_one_device_takes_the_layout():
+  """mesh.seq=1 runs the whole sequence on the hop kernel: the layout must still apply."""
+  layout = _random_layout(3, batch=B, heads=HQ)
+  q, k, v, _ = _inputs(3)
+  ref = attention(q, k, v, mask=MaskSpec.causal(), layout=layout, kernel="xla")
+  dense = attention(q, k, v, mask=MaskSpec.causal(), kernel="xla")
+  with jax.set_mesh(_mesh((2, 1, 1, 1))):
+    out = attention(q, k, v, mask=MaskSpec.causal(), layout=layout, kernel="xla", context_parallel="ring")
+  assert _rel(out, ref) < RTOL
+  assert _rel(dense, ref) > 0.1  # the layout changes the result, so the equality above means it was applied
