@@ -29,7 +29,21 @@ there can differ from this figure; static and moba are fixed counts per row.
   vmoba       chunk_frames=1 chunk_bands=1 top_k=1     0.169 (layer 0, 1D temporal) / 0.375 (layer 1, 2D spatial):
               threshold=0.5                            mean 0.272 over the 2 layers
 
-Measured (see MEASURED below for the table and wall time).
+Measured 2026-11-30, 120 steps from scratch on the demo task, on a shared 2-core CPU (load average 4-7 during
+the run), `vidlm sweep --config experiments/ablations/sparsity.py --workdir runs/ablate_sparsity`: wall 567 s
+(5 variants, train + eval each). NIAVH = tier (a) exact match at 1x (160 tokens, teacher-forced, 50 examples);
+"trained" density = sum(kv_counts) / visible tiles of the layouts the trained model picks on the held-out loss
+batches (per layer). Peak device memory is blank on CPU (no memory_stats); the host RSS column is what CPU has.
+  variant     NIAVH a_1x  held-out EM  loss    s/step  peak host RSS  density (probe / trained)
+  dense       1.00        1.00         0.0016  0.87    0.97 GiB       1 / 1
+  static      0.00        0.00         1.534   0.53    0.99 GiB       0.298 / 0.298, 0.298
+  moba        0.90        0.86         0.173   0.60    1.01 GiB       0.266 / 0.266, 0.266
+  xattention  0.96        0.95         0.086   0.56    1.02 GiB       0.289 / 0.299, 0.293
+  vmoba       0.12        0.09         1.351   0.72    1.04 GiB       0.272 / 0.253, 0.400
+s/step is 1 / the last logged steps/s and is load noise here, not sparsity: the xla kernel computes the dense
+scores for every variant (a rerun of dense alone under similar load gave 0.68 s/step, static 0.61). static at this
+density has no per-frame globals, so the text blocks see only the sink and their neighbours and cannot reach the
+needle frame in 2 layers: it fails the task by construction of the pattern, not by a crash.
 """
 
 from __future__ import annotations
