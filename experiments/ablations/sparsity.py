@@ -35,13 +35,13 @@ the run), `vidlm sweep --config experiments/ablations/sparsity.py --workdir runs
 "trained" density = sum(kv_counts) / visible tiles of the layouts the trained model picks on the held-out loss
 batches (per layer). Peak device memory is blank on CPU (no memory_stats); the host RSS column is what CPU has.
   variant     NIAVH a_1x  held-out EM  loss    s/step  peak host RSS  density (probe / trained)
-  dense       1.00        1.00         0.0016  0.87    0.97 GiB       1 / 1
+  dense       1.00        1.00         0.0016  0.85    0.97 GiB       1 / 1
   static      0.00        0.00         1.534   0.53    0.99 GiB       0.298 / 0.298, 0.298
   moba        0.90        0.86         0.173   0.60    1.01 GiB       0.266 / 0.266, 0.266
   xattention  0.96        0.95         0.086   0.56    1.02 GiB       0.289 / 0.299, 0.293
   vmoba       0.12        0.09         1.351   0.72    1.04 GiB       0.272 / 0.253, 0.400
 s/step is 1 / the last logged steps/s and is load noise here, not sparsity: the xla kernel computes the dense
-scores for every variant (a rerun of dense alone under similar load gave 0.68 s/step, static 0.61). static at this
+scores for every variant (a rerun of dense alone under similar load gave 0.65 s/step, static 0.61). static at this
 density has no per-frame globals, so the text blocks see only the sink and their neighbours and cannot reach the
 needle frame in 2 layers: it fails the task by construction of the pattern, not by a crash.
 """
