@@ -41,7 +41,7 @@ batches (per layer). Peak device memory is blank on CPU (no memory_stats); the h
   xattention  0.96        0.95         0.086   0.56    1.02 GiB       0.289 / 0.299, 0.293
   vmoba       0.12        0.09         1.351   0.72    1.04 GiB       0.272 / 0.253, 0.400
 s/step is 1 / the last logged steps/s and is load noise here, not sparsity: the xla kernel computes the dense
-scores for every variant (a rerun of dense alone under similar load gave 0.65 s/step, static 0.61). static at this
+scores for every variant (a rerun of dense and static under similar load gave dense 0.65 s/step, static 0.61). static at this
 density has no per-frame globals, so the text blocks see only the sink and their neighbours and cannot reach the
 needle frame in 2 layers: it fails the task by construction of the pattern, not by a crash.
 """
