@@ -20,6 +20,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from layers import ring
@@ -298,11 +299,37 @@ def attention(
   )
 
 
+def storage_order(cp: Ring | None, num_tokens: int, mask: MaskSpec) -> np.ndarray | None:
+  """int32 [N]: the original position of the token at each storage slot under ring `cp` on the ambient mesh, the
+  order ring attention reads q/k/v in (`ring.token_permutation`); None when storage is the original order (no
+  ring, contiguous, a ring of one device, or no mesh axis, where `ring_attention` raises its own error).
+
+  A sparse `Attention` layer under a zigzag / frame_striped ring gathers q and k back to original order with its
+  inverse before the selector sees them: a static-index gather of the whole sequence per sparse layer (with the
+  tokens split over `seq`, an all-gather of q and k), forward and backward. The attention itself stays in
+  storage order; only the selector's scoring pays it.
+  """
+  if cp is None or cp.layout == "contiguous":
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or cp.axis_name not in mesh.axis_names:
+    return None
+  ring_size = dict(mesh.shape)[cp.axis_name]
+  if ring_size == 1:
+    return None
+  tpf = 1
+  if cp.layout == "frame_striped":  # the frame size ring_attention deals by (same default as there)
+    tpf = cp.tokens_per_frame or (mask.tokens_per_frame if mask.kind == "frame_causal" else 1)
+  return ring.token_permutation(num_tokens, ring_size, cp.layout, tpf)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with GQA and RoPE; the mask is given per call, the kernel choices at construction.
 
   After the projections and RoPE the layer asks `selector(q, k, mask, layer_index)` for a `BlockLayout`
   (None = dense; the default `dense_selector` always says dense), so block-sparse methods only add selectors.
+  The selector always sees q/k in ORIGINAL token order: under a zigzag / frame_striped ring the layer gathers them
+  back from storage order first (`storage_order`; a global gather of q and k per sparse layer).
   Weights carry logical axis names (vidlm/sharding.py maps them to mesh axes).
   """
 
@@ -381,7 +408,14 @@ class Attention(nnx.Module):
     if cache is not None and decode:
       out, cache = self._decode(q, k, v, cache)
       return self.o_proj(out), cache
-    layout = self.selector(q, k, mask, layer_index)
+    layout = None
+    if self.selector is not dense_selector:
+      order = storage_order(self.context_parallel, q.shape[1], mask)
+      if order is None:
+        layout = self.selector(q, k, mask, layer_index)
+      else:  # the selector scores tokens in ORIGINAL order, which its layout (like the mask) is indexed by
+        inv = np.argsort(order)
+        layout = self.selector(q[:, inv], k[:, inv], mask, layer_index)
     out = attention(
       q, k, v, mask=mask, segment_ids=segment_ids, layout=layout, kernel=self.kernel,
       context_parallel=self.context_parallel, allow_reference_fallback=self.allow_reference_fallback,

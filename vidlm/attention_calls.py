@@ -160,13 +160,8 @@ def check_sparsity_shapes(cfg: config_lib.Config, *, num_devices: int | None = N
   sp, a = cfg.attention.sparsity, cfg.attention
   if sp.method == "none":
     return
-  if a.context_parallel == "ring" and a.ring_layout != "contiguous":
-    # the selectors score the layer's q/k as the model stores them; only the contiguous layout stores the tokens
-    # in their original order, which the layout (like the mask) is indexed by
-    raise config_lib.ConfigError(
-      f"config.attention.sparsity.method={sp.method}: block-sparse attention inside context_parallel=ring needs "
-      f"attention.ring_layout=contiguous (the selectors do not see {a.ring_layout} storage order yet)"
-    )
+  # any ring layout: a sparse Attention layer hands its selector q/k gathered back to original order
+  # (layers.attention.storage_order), the order the layout (like the mask) is indexed by
   n_tokens = config_lib.sequence_length(cfg)
   for name in ("block_q", "block_kv"):
     if n_tokens % getattr(sp, name):
@@ -175,12 +170,22 @@ def check_sparsity_shapes(cfg: config_lib.Config, *, num_devices: int | None = N
         f"(video {config_lib.video_tokens(cfg)} + text {cfg.data.text_len}); pick a block that divides it"
       )
   n = _ring_size(cfg, num_devices) if a.context_parallel == "ring" else 1
-  if n is not None and n > 1 and (n_tokens % n or (n_tokens // n) % max(sp.block_q, sp.block_kv)):
-    raise config_lib.ConfigError(
-      f"config.attention.sparsity.block_q={sp.block_q}/block_kv={sp.block_kv} must divide each ring device's "
-      f"{n_tokens / n:g} tokens ({n_tokens} over mesh.seq={n}); pick smaller blocks"
-    )
   tpf = config_lib.tokens_per_frame(cfg)
+  if n is not None and n > 1:
+    from layers import ring as ring_lib  # noqa: PLC0415
+
+    # each device's stored runs (its chunk; zigzag's two half chunks; frame_striped's frames) must be whole blocks
+    group = tpf if a.ring_layout == "frame_striped" else 1
+    try:
+      runs = [run for dev in ring_lib.device_chunks(n_tokens, n, a.ring_layout, group) for run in dev]
+    except ValueError as e:
+      raise config_lib.ConfigError(f"config.attention.ring_layout={a.ring_layout}: {e}") from None
+    if any(s % blk or ln % blk for s, ln in runs for blk in (sp.block_q, sp.block_kv)):
+      raise config_lib.ConfigError(
+        f"config.attention.sparsity.block_q={sp.block_q}/block_kv={sp.block_kv} must divide each run of "
+        f"{min(ln for _, ln in runs):g} tokens a ring device stores ({n_tokens} tokens over mesh.seq={n}, "
+        f"ring_layout={a.ring_layout}); pick smaller blocks"
+      )
   if sp.method == "vmoba" and tpf % sp.block_kv:
     raise config_lib.ConfigError(
       f"config.attention.sparsity.block_kv={sp.block_kv} must divide the frame size {tpf} tokens for vmoba's video "

@@ -190,14 +190,15 @@ def _tiny_cfg(seq: int, layout: str = "contiguous", block: int = 8):
 
 
 def test_ring_sparsity_config_checks():
-  """Allowed on CPU (contiguous storage); one line for other storage orders, blocks that do not tile a device's
-  tokens, and the GPU hop kernels (no layouts)."""
+  """Allowed on CPU for contiguous and zigzag storage; one line for blocks that do not tile the runs a device
+  stores (zigzag: two half chunks), and the GPU hop kernels (no layouts)."""
   from vidlm import config as C  # noqa: PLC0415
 
   C.validate(_tiny_cfg(4), num_devices=4, platform="cpu")
+  C.validate(_tiny_cfg(4, layout="zigzag"), num_devices=4, platform="cpu")
   cases = [
-    (_tiny_cfg(4, layout="zigzag"), "cpu", "needs attention.ring_layout=contiguous"),
-    (_tiny_cfg(4, block=32), "cpu", r"block_q=32/block_kv=32 must divide each ring device's 16 tokens"),
+    (_tiny_cfg(4, block=32), "cpu", r"block_q=32/block_kv=32 must divide each run of 16 tokens a ring device"),
+    (_tiny_cfg(4, layout="zigzag", block=16), "cpu", r"block_q=16/block_kv=16 must divide each run of 8 tokens"),
     (_tiny_cfg(4), "gpu", "BlockLayout"),
   ]
   for cfg, platform, needle in cases:
@@ -208,10 +209,15 @@ def test_ring_sparsity_config_checks():
     assert "\n" not in str(e.value)
 
 
-def test_videolm_with_selector_ring_equals_single_device():
-  """A tiny VideoLM with the moba selector: loss and gradients under a ring of 4 equal those without a ring."""
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_videolm_with_selector_ring_equals_single_device(layout, monkeypatch):
+  """A tiny VideoLM with the moba selector: loss and gradients under a ring of 4 equal those without a ring.
+
+  zigzag stores the tokens permuted: each sparse layer hands its selector q/k gathered back to original order.
+  Without that gather the selector scores storage-order blocks and the loss changes (checked last)."""
   from flax import nnx  # noqa: PLC0415
 
+  from layers import attention as attention_lib  # noqa: PLC0415
   from vidlm.models.registry import build_model  # noqa: PLC0415
   from vidlm.sharding import make_mesh  # noqa: PLC0415
 
@@ -225,7 +231,7 @@ def test_videolm_with_selector_ring_equals_single_device():
   }
 
   def loss_and_grads(seq):
-    cfg = _tiny_cfg(seq)
+    cfg = _tiny_cfg(seq, layout=layout)
     model = build_model(cfg, nnx.Rngs(0))
     fn = nnx.jit(lambda m, b: nnx.value_and_grad(lambda m: m.loss(b)[0])(m))
     with jax.set_mesh(make_mesh(cfg.mesh, jax.devices()[: seq])):
@@ -237,6 +243,10 @@ def test_videolm_with_selector_ring_equals_single_device():
   np.testing.assert_allclose(loss_ring, loss_ref, rtol=1e-5)
   for a, b in zip(g_ring, g_ref, strict=True):
     assert _rel(a, b) < 1e-4
+  if layout != "contiguous":  # the gather is what makes them equal: the selector in storage order differs
+    monkeypatch.setattr(attention_lib, "storage_order", lambda cp, n, mask: None)
+    loss_storage, _ = loss_and_grads(4)
+    assert abs(loss_storage - loss_ref) > 1e-4 * abs(loss_ref)
 
 
 def test_ring_of_one_device_takes_the_layout():

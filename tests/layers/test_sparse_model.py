@@ -50,14 +50,17 @@ def test_bad_sparsity_config_is_one_line(field, value, needle):
   assert "\n" not in str(e.value)
 
 
-def test_vmoba_block_must_divide_frame_and_ring_is_refused():
+def test_vmoba_block_must_divide_frame_and_zigzag_ring_runs():
   cfg = tiny("vmoba", block_kv=16, block_q=16)  # frame = 8 tokens
   with pytest.raises(C.ConfigError, match=r"block_kv=16 must divide the frame size 8"):
     C.validate(cfg, num_devices=1, platform="cpu")
   cfg = tiny("moba")
   cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "zigzag"
-  with pytest.raises(C.ConfigError, match="needs attention.ring_layout=contiguous"):
-    C.validate(cfg, num_devices=1, platform="cpu")
+  cfg.mesh.seq = 2  # zigzag over 2 devices stores runs of 64 / 4 = 16 tokens: blocks of 8 tile them
+  C.validate(cfg, num_devices=2, platform="cpu")
+  cfg.mesh.seq = 8  # runs of 4 tokens
+  with pytest.raises(C.ConfigError, match=r"must divide each run of 4 tokens a ring device stores"):
+    C.validate(cfg, num_devices=8, platform="cpu")
 
 
 def test_kernels_that_take_a_layout_pass_validation_others_fail():

@@ -22,7 +22,7 @@ from flax import nnx
 
 from layers import rope as rope_lib
 from layers import scan
-from layers.attention import Ring
+from layers.attention import Ring, storage_order
 from layers.block import DecoderBlock
 from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
@@ -145,19 +145,13 @@ class VideoLM(nnx.Module):
     )
 
   def _token_order(self, num_tokens: int, tokens_per_frame: int) -> np.ndarray | None:
-    """Storage order of tokens for ring layouts (None = original order)."""
-    if self.ring_layout is None or self.ring_layout == "contiguous":
+    """Storage order of tokens for ring layouts (None = original order). The same `storage_order` the sparse
+    Attention layers invert to hand their selector q/k in original order, so the two cannot disagree."""
+    if self.ring_layout is None:
       return None
-    mesh = jax.sharding.get_abstract_mesh()
-    ring_size = 1 if mesh is None or mesh.empty else mesh.shape.get("seq", 1)
-    if ring_size == 1:
-      return None
-    from layers import ring  # noqa: PLC0415
-
     # zigzag chunks need not hold whole frames (each hop's mask is exact through position offsets); the
     # frame-striped layout deals whole frames, and the text after the video is dealt in groups of the same size
-    group = tokens_per_frame if self.ring_layout == "frame_striped" else 1
-    return ring.token_permutation(num_tokens, ring_size, self.ring_layout, group)
+    return storage_order(Ring(self.ring_layout, tokens_per_frame=tokens_per_frame), num_tokens, MaskSpec())
 
   def _split_frames(self, frames: jax.Array) -> jax.Array:
     """Split the video over `seq` by frames before it is embedded, so each device converts and embeds only
