@@ -90,14 +90,16 @@ def _gpu_reason(q, k, v, segment_ids, mask: MaskSpec, layout, config) -> str | N
     return "a BlockLayout (the GPU kernels have no block-sparse path yet)"
   if isinstance(config, tpu_flash.TpuFlashConfig):
     config = None  # block sizes are per backend
+  from pallas_kernels.gpu import common as gpu_common  # noqa: PLC0415  (imported above through gpu.flash)
+
   d = q.shape[-1]
-  if jnp.dtype(q.dtype) not in gpu._DTYPES or not q.dtype == k.dtype == v.dtype:
+  if jnp.dtype(q.dtype) not in gpu_common._DTYPES or not q.dtype == k.dtype == v.dtype:
     return f"dtype {jnp.dtype(q.dtype).name}/{jnp.dtype(k.dtype).name} (the GPU kernels take bfloat16 or float16)"
-  if d not in gpu._HEAD_DIMS:
-    return f"head_dim={d} (the GPU kernels take {gpu._HEAD_DIMS})"
+  if d not in gpu_common._HEAD_DIMS:
+    return f"head_dim={d} (the GPU kernels take {gpu_common._HEAD_DIMS})"
   if mask.q_offset < 0 or mask.kv_offset < 0:
     return f"negative mask offsets in {mask}"
-  cfg = gpu._resolve_config(config, d)
+  cfg = gpu_common._resolve_config(config, d)
   t, s = q.shape[1], k.shape[1]
   cw = cfg.compute_wgs_bwd
   need_t = math.lcm(2 * cfg.block_q, cw * cfg.block_q_dq, cfg.block_q_dkv)

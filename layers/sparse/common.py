@@ -9,7 +9,7 @@ Layout conventions produced here (what `BlockLayout` and the kernels understand)
   * entries past `count` repeat the last valid entry (a valid index: the TPU pipeline sees an unchanged block and
     issues no DMA; every consumer ignores them through `kv_counts`);
   * H is 1 (pattern shared by all heads) or Hq: a selection shared by a GQA group is repeated over its G query
-    heads, because the kernels take a layout head axis of 1 or Hq (pallas_kernels/tpu/flash.py `_list_scheds`).
+    heads, because the kernels take a layout head axis of 1 or Hq (pallas_kernels/tpu/schedule.py `_list_scheds`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def _run_one(name: str) -> None:
   import numpy as np
 
   from pallas_kernels import reference
-  from pallas_kernels.gpu import flash
+  from pallas_kernels.gpu import backward, flash
   from pallas_kernels.layout import MaskSpec
 
   b, t, h, d = 1, 1024, 2, 128
@@ -49,12 +49,12 @@ def _run_one(name: str) -> None:
 
     def f(q, k, v):
       kw = dict(mask=mask, scale=sc, cfg=cfg, interpret=False)
-      lse2 = jnp.where(jnp.isfinite(lse), lse * flash._LOG2E, jnp.inf)
+      lse2 = jnp.where(jnp.isfinite(lse), lse * backward._LOG2E, jnp.inf)
       delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
       if name == "dq":
-        return flash._dq_call(q, k, v, do, lse2, delta, None, **kw)
+        return backward._dq_call(q, k, v, do, lse2, delta, None, **kw)
       if name == "dkv":
-        return flash._dkv_call(q, k, v, do, lse2, delta, None, **kw)["dv"]
+        return backward._dkv_call(q, k, v, do, lse2, delta, None, **kw)["dv"]
       return flash.flash_backward(q, k, v, None, o, lse, do, mask=mask, scale=sc)[0]
 
     f = jax.jit(f)

@@ -2,7 +2,7 @@
 
 * Tile ranges: the kernels use pallas_kernels/tile_schedule.py, tested in test_tile_schedule.py.
 * Interpret mode (`plgpu.InterpretGPUParams`) runs the real kernels (TMA, barriers, warpgroups) on CPU; only
-  the register-operand wgmma is replaced by a dot there (see `flash._acc_mm`). Tiny shapes: it is slow.
+  the register-operand wgmma is replaced by a dot there (see `pallas_kernels.gpu.common._acc_mm`). Tiny shapes: it is slow.
 * Cross-lowering to CUDA on CPU catches layout/dtype/shape errors of the real Mosaic GPU path.
 * `gpu`-marked tests compare against the fp32 reference on the device.
 """

@@ -18,7 +18,7 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from pallas_kernels import ops, reference
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation
-from pallas_kernels.tpu import flash
+from pallas_kernels.tpu import flash, schedule
 
 MASKS = [
   MaskSpec.causal(),
@@ -56,7 +56,7 @@ def _check_padding(steps, count):
 def test_range_schedule_visits_exactly_the_nonempty_tiles(mask, transposed):
   t, s, bq, bk = 192, 224, 32, 16
   n_rows, n_cols, b_row, b_col = (s // bk, t // bq, bk, bq) if transposed else (t // bq, s // bk, bq, bk)
-  sched, arrs = flash._range_sched(mask, n_rows, n_cols, b_row, b_col, transposed)
+  sched, arrs = schedule._range_sched(mask, n_rows, n_cols, b_row, b_col, transposed)
   rel = _rel_table(mask, n_rows, n_cols, b_row, b_col, transposed)
   assert sched.width == max(1, int((rel != TileRelation.EMPTY).sum(1).max()))  # grid shrunk to the longest row
   for i in range(n_rows):
@@ -72,7 +72,7 @@ def test_list_schedule_compacts_dedups_and_respects_mask():
   cnt = rng.integers(0, 6, (b, 1, nq)).astype(np.int32)
   layout = BlockLayout(jnp.asarray(idx), jnp.asarray(cnt), bq, bk)
   mask = MaskSpec.causal().shifted(q_offset=40)
-  (fs, farr), (bs, barr) = flash._list_scheds(mask, layout, b, hq, nq, nk)
+  (fs, farr), (bs, barr) = schedule._list_scheds(mask, layout, b, hq, nq, nk)
   rel = _rel_table(mask, nq, nk, bq, bk, False)
   expect = np.zeros((b, nq, nk), bool)
   for bi in range(b):
