@@ -18,14 +18,14 @@ and tiers (b)/(c) are near 0% for every variant, and would only add minutes).
 """
 
 from experiments.demo import get_config as demo_config
-from vidlm.config import Config, ConfigError
+from vidlm.config import Config, unknown_variant
 
 VARIANTS = (None, "smoke")
 
 
 def _check(arg: str | None) -> None:
   if arg not in VARIANTS:
-    raise ConfigError(f"--config experiments/ablations/attention.py:{arg}: unknown variant {arg!r}; known: smoke")
+    raise unknown_variant(__file__, arg, ("smoke",))
 
 
 def get_config(arg: str | None = None) -> Config:

@@ -49,7 +49,7 @@ needle frame in 2 layers: it fails the task by construction of the pattern, not 
 from __future__ import annotations
 
 from experiments.demo import get_config as demo_config
-from vidlm.config import Config, ConfigError
+from vidlm.config import Config, unknown_variant
 
 VARIANTS = (None, "smoke")
 BLOCK = 8  # tokens per selection block: divides the 160-token sequence and the 16-token frame
@@ -64,7 +64,7 @@ SELECTORS: dict[str, dict] = {
 
 def _check(arg: str | None) -> None:
   if arg not in VARIANTS:
-    raise ConfigError(f"--config experiments/ablations/sparsity.py:{arg}: unknown variant {arg!r}; known: smoke")
+    raise unknown_variant(__file__, arg, ("smoke",))
 
 
 def get_config(arg: str | None = None) -> Config:

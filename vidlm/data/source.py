@@ -81,7 +81,33 @@ def open_shards(paths: list[str], *, what: str, fix: str) -> list[int]:
   return counts
 
 
-class CheckedSource:
+class _ShardedSource:
+  """Record index -> (shard file, position) over `_paths` with cumulative `_starts`, and reads through `_source`
+  that turn a failed read into a `BadRecord` naming the file (the subclasses build the three)."""
+
+  _paths: list[str]
+  _starts: list[int]
+  _source: object
+
+  def __len__(self) -> int:
+    return self._starts[-1]
+
+  def locate(self, index: int) -> tuple[str, int]:
+    """(shard file, position in it) of global record `index`."""
+    shard = bisect.bisect_right(self._starts, index) - 1
+    return self._paths[shard], index - self._starts[shard]
+
+  def __getitem__(self, index):
+    """(index, record or BadRecord): the index lets a decoder that fails name the file too."""
+    index = int(index)
+    try:
+      return index, self._source[index]
+    except Exception as e:  # a damaged chunk or an undecodable example: skip this record, keep the run
+      file, position = self.locate(index)
+      return index, BadRecord(file, position, reason(e))
+
+
+class CheckedSource(_ShardedSource):
   """grain random-access source over shards: `source[i]` is (i, the record's bytes), or (i, `BadRecord`) when the
   read fails (hash mismatch, I/O error). Files are opened once by `open_shards`, so damage found at open is an error."""
 
@@ -93,23 +119,6 @@ class CheckedSource:
       self._starts.append(self._starts[-1] + n)
     # "file[start:end]" tells ArrayRecordDataSource the counts, so it does not open every file a second time
     self._source = ArrayRecordDataSource([f"{p}[0:{n}]" for p, n in zip(self._paths, self._counts)])
-
-  def __len__(self) -> int:
-    return self._starts[-1]
-
-  def locate(self, index: int) -> tuple[str, int]:
-    """(shard file, position in it) of global record `index`."""
-    shard = bisect.bisect_right(self._starts, index) - 1
-    return self._paths[shard], index - self._starts[shard]
-
-  def __getitem__(self, index) -> tuple[int, bytes | BadRecord]:
-    """(index, record bytes or BadRecord): the index lets a decoder that fails name the file too."""
-    index = int(index)
-    try:
-      return index, self._source[index]
-    except Exception as e:  # a damaged chunk: skip this record, keep the run
-      file, position = self.locate(index)
-      return index, BadRecord(file, position, reason(e))
 
   def __repr__(self) -> str:
     return f"CheckedSource({len(self._paths)} shards, {len(self)} records)"
@@ -124,7 +133,7 @@ def is_tfds_dir(directory: str | os.PathLike) -> bool:
   return os.path.isfile(os.path.join(directory, TFDS_INFO))
 
 
-class TfdsSource:
+class TfdsSource(_ShardedSource):
   """The same contract as `CheckedSource` over a prepared TFDS dataset (ArrayRecord files, read through
   `tfds.data_source`, no TensorFlow): `source[i]` is (i, the example dict) or (i, `BadRecord`)."""
 
@@ -142,21 +151,6 @@ class TfdsSource:
     for fi, n in zip(instructions, counts):
       self._starts.append(self._starts[-1] + min(int(fi.take), n))
     self._source = builder.as_data_source(split)
-
-  def __len__(self) -> int:
-    return self._starts[-1]
-
-  def locate(self, index: int) -> tuple[str, int]:
-    shard = bisect.bisect_right(self._starts, index) - 1
-    return self._paths[shard], index - self._starts[shard]
-
-  def __getitem__(self, index) -> tuple[int, dict | BadRecord]:
-    index = int(index)
-    try:
-      return index, self._source[index]
-    except Exception as e:  # a damaged chunk or an undecodable example: skip it, keep the run
-      file, position = self.locate(index)
-      return index, BadRecord(file, position, reason(e))
 
   def __repr__(self) -> str:
     return f"TfdsSource({len(self._paths)} shards, {len(self)} records)"
