@@ -144,10 +144,11 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-  p = UsageParser(prog="vidlm demo", description="Train the demo config, evaluate it and print the results table.",
+  p = UsageParser(prog="vidlm demo", description="Train the demo models, evaluate them and print the results side by side.",
                   epilog=CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--config", default=None, help="defaults to experiments/demo.py")
+  p.add_argument("--config", action="append", default=None,
+                 help="repeatable; default: experiments/demo.py and experiments/memory_bridge.py side by side")
   args, rest = p.parse_known_args(argv)
   if Path(args.workdir).exists() and not Path(args.workdir).is_dir():
     raise config_lib.ConfigError(f"--workdir {args.workdir}: exists and is not a directory")
