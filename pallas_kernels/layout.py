@@ -193,3 +193,34 @@ class BlockLayout:
     # stable argsort puts listed blocks first in ascending index order
     order = np.argsort(~bm, axis=-1, kind="stable")[..., :max_kv].astype(np.int32)
     return BlockLayout(jnp.asarray(order), jnp.asarray(counts), block_q, block_kv)
+
+
+def transpose_block_lists(kv_indices: jax.Array, kv_counts: jax.Array, num_kv_blocks: int, tags: jax.Array | None = None):
+  """Per-kv-block lists of the q blocks that list it (CSR), built on device: what dK/dV kernels iterate.
+
+  kv_indices int32[..., nQ, W], kv_counts int32[..., nQ]: entries [0, count) of a row are its kv blocks
+  (expected unique per row: a duplicate appears twice in the result); entries past the count and entries
+  outside [0, num_kv_blocks) are ignored. `tags` int32[..., nQ, W] in {0, 1} (optional) orders each kv
+  block's run: tag-0 entries first (the GPU kernels put FULL tiles before PARTIAL ones this way).
+
+  Returns (q_indices int32[..., nQ * W], starts int32[..., nK + 1], tag_starts int32[..., nK]): kv block j is
+  listed by q blocks q_indices[..., starts[j]:starts[j + 1]], ascending within each tag, and the tag-1 ones
+  begin at tag_starts[j]. Entries past starts[nK] are 0.
+
+  Memory bound: the result has exactly as many entries as the input lists (nQ * W per leading index), since
+  every listed (q, kv) pair appears once in each direction; no [nQ, nK] array is built. One stable sort of
+  nQ * W keys per leading index plus a binary search of the 2 * nK + 1 run boundaries: jittable, no host work.
+  """
+  *lead, n_q, w = kv_indices.shape
+  nk = int(num_kv_blocks)
+  idx = kv_indices.astype(jnp.int32)
+  valid = (jnp.arange(w, dtype=jnp.int32) < kv_counts.astype(jnp.int32)[..., None]) & (idx >= 0) & (idx < nk)
+  tag = jnp.zeros_like(idx) if tags is None else jnp.clip(tags.astype(jnp.int32), 0, 1)
+  key = jnp.where(valid, 2 * idx + tag, 2 * nk).reshape(-1, n_q * w)  # [L, nQ * W]
+  qv = jnp.broadcast_to(jnp.arange(n_q, dtype=jnp.int32)[:, None], (n_q, w)).reshape(1, n_q * w)
+  key_s, q_s = jax.lax.sort((key, jnp.broadcast_to(qv, key.shape)), dimension=1, num_keys=1, is_stable=True)
+  bounds = jnp.arange(2 * nk + 1, dtype=jnp.int32)
+  off = jax.vmap(lambda ks: jnp.searchsorted(ks, bounds, side="left"))(key_s).astype(jnp.int32)  # [L, 2nK+1]
+  starts, tag_starts = off[:, 0::2], off[:, 1::2]
+  q_s = jnp.where(jnp.arange(n_q * w, dtype=jnp.int32) < starts[:, -1:], q_s, 0)
+  return q_s.reshape(*lead, n_q * w), starts.reshape(*lead, nk + 1), tag_starts.reshape(*lead, nk)
