@@ -195,7 +195,9 @@ class BlockLayout:
     return BlockLayout(jnp.asarray(order), jnp.asarray(counts), block_q, block_kv)
 
 
-def transpose_block_lists(kv_indices: jax.Array, kv_counts: jax.Array, num_kv_blocks: int, tags: jax.Array | None = None):
+def transpose_block_lists(
+  kv_indices: jax.Array, kv_counts: jax.Array, num_kv_blocks: int, tags: jax.Array | None = None
+):
   """Per-kv-block lists of the q blocks that list it (CSR), built on device: what dK/dV kernels iterate.
 
   kv_indices int32[..., nQ, W], kv_counts int32[..., nQ]: entries [0, count) of a row are its kv blocks

@@ -366,7 +366,18 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
 
 
 def sparse_backward(
-  q, k, v, segment_ids, layout: BlockLayout, out, lse, dout, *, mask: MaskSpec, scale: float, interpret=False,
+  q,
+  k,
+  v,
+  segment_ids,
+  layout: BlockLayout,
+  out,
+  lse,
+  dout,
+  *,
+  mask: MaskSpec,
+  scale: float,
+  interpret=False,
   dlse=None,
 ):
   """(dq [B, T, Hq, D], dk [B, S, Hkv, D], dv [B, S, Hkv, D]) in the input dtypes, over the listed tiles only.

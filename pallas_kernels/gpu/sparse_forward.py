@@ -45,7 +45,9 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
 
   def kernel(*refs):
     if has_seg:
-      idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, lse_ref, smem, bars, consumed, sched = refs
+      idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, out_ref, lse_ref, smem, bars, consumed, sched = (
+        refs
+      )
     else:
       idx_ref, cnt_ref, full_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, smem, bars, consumed, sched = refs
       qs_ref = ks_ref = None

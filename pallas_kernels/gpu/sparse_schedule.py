@@ -78,7 +78,9 @@ def forward_lists(mask: MaskSpec, layout: BlockLayout, shp: SparseShape):
     return jnp.zeros((*cnt.shape, 1), jnp.int32), z, z
   safe = jnp.clip(idx, 0, n_k - 1)
   qi = jnp.arange(shp.n_q, dtype=jnp.int32)[:, None]
-  rel = jnp.broadcast_to(mask.tile_relation(qi * shp.block_q, safe * shp.block_kv, shp.block_q, shp.block_kv), idx.shape)
+  rel = jnp.broadcast_to(
+    mask.tile_relation(qi * shp.block_q, safe * shp.block_kv, shp.block_q, shp.block_kv), idx.shape
+  )
   valid = (jnp.arange(w) < cnt[..., None]) & (idx >= 0) & (idx < n_k) & (rel != _EMPTY)
   sentinel = 2 * n_k
   key = jnp.sort(jnp.where(valid, safe + n_k * (rel != _FULL), sentinel), axis=-1)  # FULL keys < nK <= PARTIAL
@@ -104,4 +106,12 @@ def build(mask: MaskSpec, layout: BlockLayout, s: int):
   return shp, fwd, backward_lists(fwd, shp)
 
 
-__all__ = ["SPARSE_BLOCKS_KV", "SPARSE_BLOCK_Q", "SparseShape", "backward_lists", "build", "forward_lists", "layout_reason"]
+__all__ = [
+  "SPARSE_BLOCKS_KV",
+  "SPARSE_BLOCK_Q",
+  "SparseShape",
+  "backward_lists",
+  "build",
+  "forward_lists",
+  "layout_reason",
+]
