@@ -157,3 +157,32 @@ def segment_frame_table(
   table = jnp.where(mask, start[..., None] + offset, start[..., None])
   valid = k_range[None, :] < count[:, None]
   return table, mask & valid[..., None], valid
+
+
+def strided_segment_count(frames: int, segment_length: int, stride: int) -> int:
+  """Segments of `segment_length` frames every `stride` frames that cover `frames` frames (the last may be short)."""
+  if segment_length < 1 or not 1 <= stride <= segment_length:
+    raise ValueError(f"strided segments: need 1 <= stride ({stride}) <= segment_length ({segment_length})")
+  return 1 if frames <= segment_length else 1 + -(-(frames - segment_length) // stride)
+
+
+def strided_frame_table(
+  batch: int, frames: int, *, segment_length: int, stride: int, max_segments: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Fixed (optionally overlapping) segments: segment k holds frames k*stride .. k*stride + segment_length - 1.
+  With stride <= segment_length - n + 1 every run of n consecutive frames lies whole inside some segment (a 3-frame
+  motion needle is never cut in two). Same outputs as `segment_frame_table`: (table [B, K, L] int32, mask [B, K, L]
+  bool, valid [B, K] bool) with K = max_segments >= the segments needed (the rest are padding)."""
+  need = strided_segment_count(frames, segment_length, stride)
+  if max_segments < need:
+    raise ValueError(f"strided segments: {max_segments} segments of {segment_length} frames every {stride} cannot "
+                     f"hold {frames} frames (need {need})")
+  k = jnp.arange(max_segments, dtype=jnp.int32)[:, None]
+  j = jnp.arange(segment_length, dtype=jnp.int32)[None, :]
+  frame = k * stride + j  # [K, L]
+  valid = jnp.arange(max_segments) < need  # [K]
+  mask = (frame < frames) & valid[:, None]
+  table = jnp.where(mask, frame, 0)
+  shape = (batch, max_segments)
+  return (jnp.broadcast_to(table, (*shape, segment_length)), jnp.broadcast_to(mask, (*shape, segment_length)),
+          jnp.broadcast_to(valid, shape))
