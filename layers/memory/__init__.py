@@ -7,7 +7,11 @@ from layers.memory.bridge import BridgeLayer, Retriever, write_cache
 from layers.memory.reader import MemoryReader
 from layers.memory.recurrence import memory_step, run_segments
 from layers.memory.scene import (
-  fixed_segments, scene_tiling, segment_frame_table, strided_frame_table, strided_segment_count,
+  fixed_segments,
+  scene_tiling,
+  segment_frame_table,
+  strided_frame_table,
+  strided_segment_count,
 )
 
 __all__ = [

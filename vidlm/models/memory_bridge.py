@@ -41,7 +41,13 @@ from layers.attention import Attention
 from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.memory import (
-  BridgeLayer, MemoryReader, Retriever, run_segments, scene_tiling, segment_frame_table, strided_frame_table,
+  BridgeLayer,
+  MemoryReader,
+  Retriever,
+  run_segments,
+  scene_tiling,
+  segment_frame_table,
+  strided_frame_table,
   strided_segment_count,
 )
 from layers.mlp import SwiGLU
