@@ -60,6 +60,7 @@ def attention_calls(
   num_video = config_lib.video_tokens(cfg)
   n_tokens = config_lib.sequence_length(cfg)
   mask = MaskSpec.frame_causal(tpf, video_tokens=num_video)
+  segs = m.token_drop_tau < 1.0  # token drop hides dropped video tokens through segment ids
 
   def shapes(tq: int, tk: int):
     q = jax.ShapeDtypeStruct((1, tq, m.num_heads, m.head_dim), dtype)
@@ -71,12 +72,16 @@ def attention_calls(
     return []
   if n == 1:
     layout = _abstract_layout(cfg, n_tokens)
-    kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask, has_layout=layout is not None)
+    kernel = attention_lib.resolve_kernel(
+      a.kernel, platform=platform, dtype=dtype, mask=mask, has_layout=layout is not None, has_segments=segs
+    )
     where = f"{layers} self-attention [{n_tokens} x {n_tokens}]"
     if layout is not None:
       where += f" with a {a.sparsity.method} BlockLayout"
-    return [AttentionCall(where, *shapes(n_tokens, n_tokens), mask, kernel, layout=layout)]
-  kernel = attention_lib.resolve_kernel(a.kernel, platform=platform, dtype=dtype, mask=mask, ring_hop=True)
+    return [AttentionCall(where, *shapes(n_tokens, n_tokens), mask, kernel, has_segments=segs, layout=layout)]
+  kernel = attention_lib.resolve_kernel(
+    a.kernel, platform=platform, dtype=dtype, mask=mask, ring_hop=True, has_segments=segs
+  )
   group = tpf if a.ring_layout == "frame_striped" else 1
   plans, table, _ = ring_lib.build_plans(mask, n_tokens, n, a.ring_layout, group)
   calls, seen = [], set()
@@ -93,7 +98,9 @@ def attention_calls(
         if sp.method != "none" and key[0] % sp.block_q == 0:  # the hop's local layout (blocks checked above)
           layout = _abstract_layout(cfg, key[0])
           where += f" with a {sp.method} BlockLayout"
-        calls.append(AttentionCall(where, *shapes(key[0], key[1]), c.mask, kernel, return_lse=True, layout=layout))
+        calls.append(AttentionCall(
+          where, *shapes(key[0], key[1]), c.mask, kernel, has_segments=segs, return_lse=True, layout=layout
+        ))
   return calls
 
 

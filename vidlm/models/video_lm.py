@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from layers import rope as rope_lib
-from layers import scan
+from layers import scan, token_drop
 from layers.attention import Ring, storage_order
 from layers.block import DecoderBlock
 from layers.cache import KVCache
@@ -51,6 +51,9 @@ class VideoLMConfig(config_lib.ModelSection):
   vocab_size: int = 260
   # tubelet (frames, height, width) of one video token
   tubelet: tuple[int, int, int] = (1, 8, 8)
+  # token drop (TimeChat-Online DTD, layers/token_drop.py): a video token whose tubelet embedding has cosine > tau
+  # to the same (h, w) token of the previous frame is masked out (keeps its slot and position); 1.0 = off
+  token_drop_tau: float = 1.0
   rope_theta: float = 10_000.0
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"
@@ -90,6 +93,9 @@ class VideoLMConfig(config_lib.ModelSection):
     for name, size, tub in zip(("frames", "height", "width"), (d.frames, d.height, d.width), m.tubelet):
       if size % tub:
         raise ConfigError(f"config.data.{name}={size} is not divisible by the tubelet size {tub} (model.tubelet)")
+    tau = m.token_drop_tau
+    if isinstance(tau, bool) or not isinstance(tau, int | float) or not 0.0 <= tau <= 1.0:
+      raise ConfigError(f"config.model.token_drop_tau={tau!r}: expected a number in [0, 1] (1.0 = no token drop)")
     seq_len = sequence_length(cfg)
     ring = a.context_parallel == "ring"
     if ring and a.ring_layout == "frame_striped" and d.text_len and cfg.mesh.seq > 1:
@@ -123,6 +129,7 @@ class VideoLM(nnx.Module):
     self.num_layers, self.num_kv_heads, self.dtype = m.num_layers, m.num_kv_heads, dtype
     self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.text_embed = TokenEmbed(m.vocab_size, m.embed_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.token_drop_tau = float(m.token_drop_tau)
     # attention.sparsity -> the selector every block's Attention asks for a BlockLayout (None: dense)
     selector = make_selector(a.sparsity, num_layers=m.num_layers, video_grid=config_lib.video_grid(cfg))
 
@@ -237,7 +244,10 @@ class VideoLM(nnx.Module):
     grid = self._grid(frames.shape)
     num_video = grid[0] * grid[1] * grid[2]
     text_len = tokens.shape[1]
-    x = jnp.concatenate([self.video_embed(self._split_frames(frames)), self.text_embed(tokens)], axis=1)  # [B, N, E]
+    video = self.video_embed(self._split_frames(frames))  # [B, Nv, E]
+    x = jnp.concatenate([video, self.text_embed(tokens)], axis=1)  # [B, N, E]
+    if self.token_drop_tau < 1.0:
+      segment_ids, cache = self._drop_tokens(video, grid, text_len, segment_ids, cache)
     if positions is None:
       positions = self.positions(frames.shape, text_len)
     rope = rope_lib.tables(positions, self.head_dim, self.rope_theta)  # [N | B,N, D/2]
@@ -260,6 +270,21 @@ class VideoLM(nnx.Module):
       text_slots = np.argsort(order)[text_slots]
     x = self.final_norm(x[:, text_slots])
     return self.lm_head(x).astype(jnp.float32), cache
+
+  def _drop_tokens(self, video, grid, text_len, segment_ids, cache: KVCache | None):
+    """DTD (layers/token_drop.py) decided on the tubelet embeddings (the visual encoder's features, as in
+    TimeChat-Online): a dropped video token keeps its slot and position but gets segment id -1, which no kept token
+    or text shares, so nothing kept ever attends it. In a prefill its cache slot is recorded at a sequence index
+    past every query (`token_drop.DROPPED_SEQ_INDEX`), so the cache's mask rule hides it from decoding as well."""
+    b = video.shape[0]
+    per_frame = video.reshape(b, grid[0], grid[1] * grid[2], video.shape[-1])  # [B, F', h*w, E]
+    keep = token_drop.keep_mask(per_frame, self.token_drop_tau).reshape(b, -1)  # [B, Nv]
+    segment_ids = token_drop.segment_ids(keep, text_len, segment_ids)
+    if cache is not None:  # prefill recorded slot == sequence index, video first
+      nv = keep.shape[1]
+      hidden = jnp.where(keep, cache.seq_index[:, :nv], token_drop.DROPPED_SEQ_INDEX)
+      cache = dataclasses.replace(cache, seq_index=cache.seq_index.at[:, :nv].set(hidden))
+    return segment_ids, cache
 
   def _layers(self, x, rope, *, mask, residual, segment_ids=None, cache: KVCache | None = None, decode=False,
               cache_slots=None):
