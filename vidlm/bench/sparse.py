@@ -1,0 +1,444 @@
+"""`vidlm bench sparse`: block-sparse attention (our kernel walking a BlockLayout) against our dense flash kernel
+and cuDNN in the same run, for random layouts and each selector's real layout (issue 11 item 4).
+
+Per (length T, mask, layout, density rho): forward and forward+backward time of
+  sparse  pallas_kernels.ops.flash_attention(q, k, v, mask=, layout=)     (the platform's kernel, no fallback)
+  dense   the same call without a layout (same mask): the anchor the speedup divides
+  cuDNN   jax.nn.dot_product_attention(implementation="cudnn"), where it can express the mask (causal only;
+          frame-causal would need a dense [T, S] mask argument: not run, the table says so)
+and: speedup = dense / sparse, the issue's target 0.85 / rho, fraction of ideal = speedup * rho (1 = a listed
+block costs what a dense block costs); the selector's own time as a share of the dense forward (and fwd+bwd)
+time; layout memory (kv_indices + kv_counts, plus the transposed kv -> q lists the list schedule builds for
+dK/dV) against a dense [T, S] bool mask.
+
+Density rho = listed tiles the mask does not make EMPTY / all tiles the mask does not make EMPTY, measured on the
+layout that was timed. Layouts:
+  random      per q block its own (diagonal) blocks plus uniformly random other mask-allowed blocks; each row
+              gets a share of the target proportional to its allowed blocks (largest remainder, so the total
+              hits rho * allowed tiles exactly unless the forced own blocks alone exceed it). Built on device,
+              one random choice per kv head (a GQA group shares it, as the selectors do).
+  moba, static, xattention, vmoba   `layers.sparse.make_selector` on random q / k, with the parameter that
+              sets the density (moba top_k; static window and frame_globals; xattention tau; vmoba top_k with
+              threshold 0, temporal chunks of one frame, layer 0) chosen on the host from the mask's block
+              structure to land near rho. The measured density is what the row reports.
+FLOPs (tile basis, what the kernels compute): forward 4 * D * block_q * block_kv per listed non-EMPTY tile per
+query head; fwd+bwd 3.5x that (timed as jit(grad) of sum(out * dO), which includes the forward), as in
+`vidlm bench attention`. The dense anchor is counted the same way over all non-EMPTY tiles (for causal this is
+4 T S D H / 2 * (1 + 1 / nQ): the diagonal tiles' masked halves, which attention.py's count leaves out).
+Timing: compile (recorded), warm-up, median of --iters calls of the compiled executable on random normal inputs.
+A correctness check first compares the sparse kernel with the fp32 reference given the same layout (forward and
+gradients, fresh random inputs). On CPU the kernel is the TPU kernel in interpret mode (tests use tiny sizes);
+if the backend cannot run a layout the bench stops with one line saying why (it never times the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import sys
+import time
+
+import numpy as np
+
+from vidlm.bench import sparse_layouts as sl
+from vidlm.bench.timing import matmul_tflops, median_seconds
+from vidlm.cli import UsageParser, int_list
+from vidlm.config import ConfigError
+
+MASKS = ("causal", "frame_causal")
+LAYOUTS = ("random", "moba", "static", "xattention", "vmoba")
+MODES = ("fwd", "fwd+bwd")
+BWD_FACTOR = 3.5  # fwd+bwd FLOPs / fwd FLOPs (dQ, dK, dV and the recomputed P: 2.5x, plus the forward)
+TARGET_EFFICIENCY = 0.85  # issue 11: speedup >= 0.85 / rho
+CHECK_TOL = 2e-2  # ||sparse - fp32 reference|| / ||reference||, bf16 inputs (METHOD: 1e-3..1e-2 expected)
+
+
+def float_list(text: str) -> list[float]:
+  """argparse type: comma-separated densities in (0, 1]."""
+  try:
+    values = [float(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers in (0, 1], got {text!r}") from None
+  if not values or not all(0.0 < x <= 1.0 for x in values):
+    raise argparse.ArgumentTypeError(f"expected comma-separated densities in (0, 1], got {text!r}")
+  return values
+
+
+def name_list(choices: tuple[str, ...]):
+  def parse(text: str) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in values if x not in choices]
+    if not values or bad:
+      raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
+    return values
+
+  return parse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _loss_grad(f):
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  def loss(q, k, v, do, *rest):
+    return jnp.sum(f(q, k, v, *rest).astype(jnp.float32) * do.astype(jnp.float32))
+
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def timed(fn, args, warmup: int, iters: int, cache: dict | None = None, key=None):
+  """(median ms of the compiled executable, compile seconds, the executable). With `cache`, an executable
+  compiled earlier under the same `key` (same function, same argument shapes) is reused: compile seconds 0."""
+  import jax  # noqa: PLC0415
+
+  t0 = time.perf_counter()
+  if cache is not None and key in cache:
+    compiled = cache[key]
+  else:
+    compiled = jax.jit(fn).lower(*args).compile()
+    if cache is not None:
+      cache[key] = compiled
+  compile_s = time.perf_counter() - t0
+  return 1e3 * median_seconds(compiled, args, warmup, iters), compile_s, compiled
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if not np.all(np.isfinite(a)):
+    return float("nan")
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def check_kernel(mask_name: str, mask, t: int, hq: int, hkv: int, d: int, block: int, seed: int) -> dict:
+  """Sparse kernel vs the fp32 reference with the same random layout (rho 0.25): forward and gradients."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from pallas_kernels import ops, reference  # noqa: PLC0415
+
+  ks = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(ks[0], (1, t, hq, d), jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (1, t, hkv, d), jnp.bfloat16) for kk in ks[1:3])
+  do = jax.random.normal(ks[3], (1, t, hq, d), jnp.bfloat16)
+  layout = sl.random_layout(ks[4], mask, 0.25, t, t, block, block, hkv, hq)
+  require_layout_kernel(q, k, v, mask, layout)
+  fa = jax.jit(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay))
+  ga = jax.jit(_loss_grad(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)))
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  ref = jax.jit(lambda q, k, v, lay: reference.attention(q, k, v, mask=mask, layout=lay))
+  gr = jax.jit(_loss_grad(lambda q, k, v, lay: reference.attention(q, k, v, mask=mask, layout=lay)))
+  errs = {"out": rel_err(fa(q, k, v, layout), ref(*f32, layout))}
+  for name, a, r in zip(("dq", "dk", "dv"), ga(q, k, v, do, layout), gr(*f32, do, layout)):
+    errs[name] = rel_err(a, r)
+  ok = all(math.isfinite(e) and e <= CHECK_TOL for e in errs.values())
+  return {"mask": mask_name, "tokens": t, "rel_err": errs, "ok": ok, "tol": CHECK_TOL}
+
+
+def require_layout_kernel(q, k, v, mask, layout) -> None:
+  """One line and stop when the platform's kernel cannot run this layout (never time a fallback)."""
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  reason = ops.unsupported_reason(q, k, v, mask=mask, layout=layout)
+  if reason is not None:
+    raise ConfigError(f"vidlm bench sparse: the {ops.default_backend()} flash kernel cannot run a BlockLayout: {reason}")
+
+
+def cudnn_reason(mask_name: str) -> str | None:
+  import jax  # noqa: PLC0415
+
+  if jax.default_backend() != "gpu":
+    return f"cuDNN needs a GPU (backend is {jax.default_backend()})"
+  if mask_name != "causal":
+    return "cuDNN takes this mask only as a dense [T, S] argument (is_causal / local windows cannot express it)"
+  return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One length x mask: anchors, then every layout x density
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _err(e: Exception) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline: float | None) -> None:
+  """Anchor rows (dense ours, cuDNN) and sparse rows for one (T, mask), appended to out as they are measured."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  d, bs, tpf = a.head_dim, a.block, a.tokens_per_frame
+  mask = sl.make_mask(mask_name, tpf)
+  ks = jax.random.split(jax.random.key(7 * t + len(mask_name)), 6)
+  q = jax.random.normal(ks[0], (1, t, hq, d), jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (1, t, hkv, d), jnp.bfloat16) for kk in ks[1:3])
+  do = jax.random.normal(ks[3], (1, t, hq, d), jnp.bfloat16)
+  n_q = n_k = t // bs
+  allowed = sl.allowed_blocks(mask, n_q, n_k, bs, bs)
+  own = sl.own_matrix(allowed, bs, bs)
+  # fail fast, before any timing, when the kernel cannot run a layout at this shape
+  require_layout_kernel(q, k, v, mask, sl.random_layout(ks[4], mask, a.densities[0], t, t, bs, bs, hkv, hq))
+  base = {"T": t, "mask": mask_name, "Hq": hq, "Hkv": hkv, "D": d, "block": bs}
+  tile_flops = 4 * d * bs * bs
+  dense_flops = tile_flops * int(allowed.sum()) * hq
+  impls = {"dense": lambda q, k, v: ops.flash_attention(q, k, v, mask=mask)}
+  why_not = cudnn_reason(mask_name)
+  if why_not is None:
+    impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  anchor_ms: dict = {}
+  compiled: dict = {}  # sparse executables by (mode, layout shapes): layouts of equal width share one
+  for mode in a.modes:
+    row = {**base, "mode": mode, "flops": dense_flops * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)}
+    if why_not is not None:
+      row["cudnn_note"] = why_not
+    for name, f in impls.items():
+      fn, args = (f, (q, k, v)) if mode == "fwd" else (_loss_grad(f), (q, k, v, do))
+      try:
+        ms, cs, _ = timed(fn, args, a.warmup, a.iters)
+      except Exception as e:  # noqa: BLE001  (an anchor failing is reported; the dense one is needed below)
+        row[f"{name}_error"] = _err(e)
+        continue
+      row[f"{name}_ms"], row[f"{name}_compile_s"] = ms, cs
+      row[f"{name}_tflops"] = row["flops"] / ms / 1e9
+      anchor_ms[(name, mode)] = ms
+    if "dense_ms" in row and "cudnn_ms" in row:
+      row["dense_vs_cudnn"] = row["cudnn_ms"] / row["dense_ms"]
+    out["anchors"].append(row)
+    print(_fmt_anchor(row), flush=True)
+    _dump(a.out, out)
+  for name in a.layouts:
+    for rho in a.densities:
+      if deadline is not None and time.monotonic() > deadline:
+        out["not_run"].append({**base, "layout": name, "density_requested": rho, "why": "--budget-s reached"})
+        continue
+      case = {**base, "layout": name, "density_requested": rho}
+      try:
+        _sparse_case(case, mask, q, k, v, do, ks[5], allowed, own, a, anchor_ms, compiled, out)
+      except ConfigError:
+        raise
+      except Exception as e:  # noqa: BLE001  (building the layout failed: recorded, the other cases still run)
+        out["rows"].append({**case, "error": _err(e)})
+        print(_fmt_row(out["rows"][-1]), flush=True)
+      _dump(a.out, out)
+
+
+def _sparse_case(case, mask, q, k, v, do, key, allowed, own, a, anchor_ms, compiled, out) -> None:
+  """Build one layout (random or a selector's, timing the selector), then time the kernel with it per mode."""
+  import jax  # noqa: PLC0415
+
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  name, rho = case["layout"], case["density_requested"]
+  t, hq, hkv, bs, tpf = q.shape[1], q.shape[2], k.shape[2], a.block, a.tokens_per_frame
+  info: dict = dict(case)
+  if name == "random":
+    layout = sl.random_layout(jax.random.fold_in(key, round(rho * 1e6)), mask, rho, t, t, bs, bs, hkv, hq)
+  else:
+    params, predicted = sl.selector_params(name, rho, allowed, own, bs, bs, tpf)
+    selector = sl.make_layout_selector(name, params, bs, bs, t, tpf)
+    sel_ms, sel_cs, sel = timed(lambda q, k: selector(q, k, mask, 0), (q, k), a.warmup, a.iters)
+    layout = sel(q, k)
+    info.update(params=params, density_predicted=predicted, selector_ms=sel_ms, selector_compile_s=sel_cs)
+    for mode in a.modes:
+      if ("dense", mode) in anchor_ms:
+        info[f"selector_share_of_dense_{mode}"] = sel_ms / anchor_ms[("dense", mode)]
+  require_layout_kernel(q, k, v, mask, layout)
+  info.update(sl.layout_stats(layout, mask, q.shape[0], hq, t, t, ops.default_backend()))
+  rho_m = info["density"]
+  fwd_flops = 4 * q.shape[-1] * bs * bs * info["tiles_computed"]
+  f = lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)
+  for mode in a.modes:
+    row = {**info, "mode": mode, "flops": fwd_flops * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)}
+    fn, args = (f, (q, k, v, layout)) if mode == "fwd" else (_loss_grad(f), (q, k, v, do, layout))
+    try:
+      shapes = (mode, layout.kv_indices.shape, layout.kv_counts.shape, layout.block_q, layout.block_kv)
+      row["sparse_ms"], row["sparse_compile_s"], _ = timed(fn, args, a.warmup, a.iters, compiled, shapes)
+    except Exception as e:  # noqa: BLE001
+      row["error"] = _err(e)
+      out["rows"].append(row)
+      print(_fmt_row(row), flush=True)
+      continue
+    row["sparse_tflops"] = row["flops"] / row["sparse_ms"] / 1e9
+    row["target_speedup"] = TARGET_EFFICIENCY / rho_m
+    for anchor in ("dense", "cudnn"):
+      if (anchor, mode) in anchor_ms:
+        row[f"{anchor}_ms"] = anchor_ms[(anchor, mode)]
+    if "dense_ms" in row:
+      row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+      row["fraction_of_ideal"] = row["speedup"] * rho_m
+      row["meets_target"] = row["speedup"] >= row["target_speedup"]
+    if "cudnn_ms" in row:
+      row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["sparse_ms"]
+    out["rows"].append(row)
+    print(_fmt_row(row), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table, JSON, CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _f(x, w=8, p=2) -> str:
+  return f"{x:>{w}.{p}f}" if isinstance(x, float | int) and not isinstance(x, bool) else f"{'-':>{w}}"
+
+
+HEADER = (
+  f"{'T':>7} {'mask':>12} {'layout':>10} {'rho req':>7} {'rho':>6} {'mode':>7} {'ms':>8} {'dense ms':>8} "
+  f"{'cuDNN ms':>8} {'speedup':>7} {'0.85/rho':>8} {'of ideal':>8} {'TF/s':>6} {'sel %':>6} {'lists KiB':>9} "
+  f"{'mask MiB':>9}"
+)
+
+
+def _fmt_row(r: dict) -> str:
+  lists_kib = (r["layout_bytes"] + r["kernel_lists_bytes"] + r["transposed_bytes"]) / 1024 if "layout_bytes" in r else None
+  mask_mib = r["dense_mask_bytes"] / 2**20 if "dense_mask_bytes" in r else None
+  sel = r.get("selector_share_of_dense_fwd")
+  line = (
+    f"{r['T']:>7} {r['mask']:>12} {r['layout']:>10} {r['density_requested']:>7.3f} {_f(r.get('density'), 6, 3)} "
+    f"{r.get('mode', '-'):>7} {_f(r.get('sparse_ms'))} {_f(r.get('dense_ms'))} {_f(r.get('cudnn_ms'))} "
+    f"{_f(r.get('speedup'), 7)} {_f(r.get('target_speedup'))} {_f(r.get('fraction_of_ideal'), 8, 3)} "
+    f"{_f(r.get('sparse_tflops'), 6, 1)} {_f(None if sel is None else 100 * sel, 6, 1)} {_f(lists_kib, 9, 1)} "
+    f"{_f(mask_mib, 9, 1)}"
+  )
+  return line + (f"  error: {r['error']}" if "error" in r else "")
+
+
+def _fmt_anchor(r: dict) -> str:
+  return (
+    f"anchor T={r['T']} {r['mask']} {r['mode']}: dense {_f(r.get('dense_ms'), 0)} ms ({_f(r.get('dense_tflops'), 0, 1)} "
+    f"TF/s), cuDNN {_f(r.get('cudnn_ms'), 0)} ms ({_f(r.get('cudnn_tflops'), 0, 1)} TF/s)"
+    + (f"  [{r['cudnn_note']}]" if "cudnn_note" in r else "")
+    + "".join(f"  {n}_error={r[n + '_error']}" for n in ("dense", "cudnn") if n + "_error" in r)
+  )
+
+
+def _dump(path: str, out: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(out, f, indent=1)
+
+
+def _default_out(device_kind: str) -> str:
+  return f"benchmarks/sparse_{re.sub(r'[^a-z0-9]+', '_', device_kind.lower()).strip('_')}.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = UsageParser(prog="vidlm bench sparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--seqlens", type=int_list, default="131072,32768", help="largest first: a budget cuts the small ones")
+  p.add_argument("--densities", type=float_list, default="0.5,0.25,0.125,0.05", help="target densities rho in (0, 1]")
+  p.add_argument("--masks", type=name_list(MASKS), default=",".join(MASKS))
+  p.add_argument("--layouts", type=name_list(LAYOUTS), default=",".join(LAYOUTS))
+  p.add_argument("--modes", type=name_list(MODES), default=",".join(MODES))
+  p.add_argument("--head-dim", type=int, default=128)
+  p.add_argument("--heads", type=int, default=0, help="query heads (0: min(16, 524288 / T), as `bench attention`)")
+  p.add_argument("--kv-heads", type=int, default=0, help="kv heads, dividing the query heads (0: = query heads)")
+  p.add_argument("--block", type=int, default=128, help="layout block (block_q = block_kv), the selectors' tiles")
+  p.add_argument("--tokens-per-frame", type=int, default=256, help="frame-causal frames; video grid of the selectors")
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--check-tokens", type=int, default=2048, help="tokens of the correctness check (0: skip)")
+  p.add_argument("--budget-s", type=float, default=0.0, help="start no new case after this many seconds (0: none)")
+  p.add_argument("--out", default=None, help="JSON path (default benchmarks/sparse_<device>.json)")
+  a = p.parse_args(argv)
+  bs, tpf = a.block, a.tokens_per_frame
+  for flag, value, low in (("--head-dim", a.head_dim, 1), ("--block", bs, 1), ("--tokens-per-frame", tpf, 1),
+                           ("--iters", a.iters, 1), ("--warmup", a.warmup, 0), ("--heads", a.heads, 0),
+                           ("--kv-heads", a.kv_heads, 0), ("--check-tokens", a.check_tokens, 0)):
+    if value < low:
+      p.error(f"{flag}={value}: must be >= {low}")
+  for t in a.seqlens:
+    hq = heads_for(t, a.heads)
+    if t % bs or t % tpf:
+      p.error(f"--seqlens {t}: must be a multiple of --block={bs} and --tokens-per-frame={tpf}")
+    if a.kv_heads and hq % a.kv_heads:
+      p.error(f"--kv-heads={a.kv_heads}: must divide the {hq} query heads used at T={t} (set --heads)")
+  if "vmoba" in a.layouts and tpf % bs:
+    p.error(f"--tokens-per-frame={tpf}: vmoba needs it to be a multiple of --block={bs}")
+  if "xattention" in a.layouts and bs % 8:
+    p.error(f"--block={bs}: xattention's stride 8 must divide it")
+  if a.check_tokens and a.check_tokens % bs:
+    p.error(f"--check-tokens={a.check_tokens}: must be a multiple of --block={bs}")
+  return a
+
+
+def heads_for(t: int, heads: int) -> int:
+  return heads if heads else max(1, min(16, 524288 // t))
+
+
+def main(argv: list[str] | None = None) -> int:
+  try:
+    return _main(argv)
+  except ConfigError as e:  # one line, also under `python -m vidlm.bench.sparse` (the vidlm CLI does the same)
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def _main(argv: list[str] | None) -> int:
+  a = parse_args(argv)
+  import jax  # noqa: PLC0415
+
+  from pallas_kernels import ops  # noqa: PLC0415
+
+  dev = jax.devices()[0]
+  a.out = a.out or _default_out(dev.device_kind)
+  out: dict = {
+    "meta": {
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "device": dev.device_kind, "backend": ops.default_backend(), "jax": jax.__version__, "dtype": "bfloat16",
+      "batch": 1, "head_dim": a.head_dim, "block": a.block, "tokens_per_frame": a.tokens_per_frame,
+      "warmup": a.warmup, "iters": a.iters, "bwd_factor": BWD_FACTOR, "target_efficiency": TARGET_EFFICIENCY,
+      "command": "vidlm bench sparse " + " ".join(sys.argv[1:] if argv is None else argv),
+    },
+    "checks": [], "anchors": [], "rows": [], "not_run": [],
+  }
+  print(json.dumps(out["meta"]), flush=True)
+  if jax.default_backend() == "gpu":
+    out["meta"]["matmul_tflops"] = matmul_tflops(a.warmup, a.iters)
+    print(f"bf16 matmul 8192^3: {out['meta']['matmul_tflops']:.1f} TFLOP/s", flush=True)
+  start = time.monotonic()
+  deadline = start + a.budget_s if a.budget_s else None
+  failed = False
+  if a.check_tokens:
+    hq = heads_for(a.check_tokens, a.heads)
+    for mask_name in a.masks:
+      chk = check_kernel(mask_name, sl.make_mask(mask_name, a.tokens_per_frame), a.check_tokens, hq,
+                         a.kv_heads or hq, a.head_dim, a.block, seed=len(out["checks"]) + 1)
+      failed |= not chk["ok"]
+      out["checks"].append(chk)
+      print("check", json.dumps(chk), flush=True)
+      _dump(a.out, out)
+  for t in a.seqlens:
+    hq = heads_for(t, a.heads)
+    for mask_name in a.masks:
+      print(f"[{time.monotonic() - start:.0f} s] T={t} {mask_name} Hq={hq} Hkv={a.kv_heads or hq}\n{HEADER}", flush=True)
+      run_length(t, mask_name, a, hq, a.kv_heads or hq, out, deadline)
+  out["meta"]["wall_s"] = time.monotonic() - start
+  out["meta"]["compile_s_total"] = sum(
+    [r.get("dense_compile_s", 0.0) + r.get("cudnn_compile_s", 0.0) for r in out["anchors"]]
+    + [r.get("sparse_compile_s", 0.0) + (r.get("selector_compile_s", 0.0) if r.get("mode") == a.modes[0] else 0.0)
+       for r in out["rows"]]
+  )
+  print(f"\nsummary ({out['meta']['device']}, bf16, hd{a.head_dim}, block {a.block}; speedup = dense / sparse; "
+        f"{out['meta']['wall_s']:.0f} s, of which compile {out['meta']['compile_s_total']:.0f} s)")
+  print(HEADER)
+  for r in out["rows"]:
+    print(_fmt_row(r))
+  if out["not_run"]:
+    print(f"not run ({len(out['not_run'])} cases): --budget-s reached")
+  if failed:
+    print(f"CHECK FAILED: the sparse kernel differs from the fp32 reference by more than {CHECK_TOL} (see checks)")
+  _dump(a.out, out)
+  print(f"wrote {a.out}")
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
