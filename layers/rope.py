@@ -73,3 +73,54 @@ def apply(x: jax.Array, rope: RopeTables) -> jax.Array:
   cos = rope.cos[(*lead, ..., None, slice(None))]
   sin = rope.sin[(*lead, ..., None, slice(None))]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def frame_positions(frame_t, hw: tuple[int, int], text_len: int) -> jax.Array:
+  """Position triples [..., N, 3] of a video whose frame (tubelet-row) i sits at time position frame_t[..., i]
+  (int or float [..., gt]; h, w in raster order as usual), followed by `text_len` text tokens.
+
+  Text starts after the largest video coordinate, the rule `video_text_positions` follows: at
+  max(floor(max t) + 1, gh, gw). With frame_t = arange(gt) this is exactly `video_text_positions` (int32); the
+  trained-length tricks (`random_frame_t`, `shifted_frame_t`, `interpolated_frame_t`) only move frame_t.
+  Float frame_t (interpolation) gives float32 positions; RoPE (`tables`) takes fractional positions."""
+  frame_t = jnp.asarray(frame_t)
+  gh, gw = hw
+  gt = frame_t.shape[-1]
+  lead = frame_t.shape[:-1]
+  t = jnp.broadcast_to(frame_t[..., :, None], (*lead, gt, gh * gw)).reshape(*lead, gt * gh * gw)
+  hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+  h = jnp.broadcast_to(jnp.asarray(np.tile(hh.reshape(-1), gt), t.dtype), t.shape)
+  w = jnp.broadcast_to(jnp.asarray(np.tile(ww.reshape(-1), gt), t.dtype), t.shape)
+  video = jnp.stack([t, h, w], axis=-1)  # [..., gt*gh*gw, 3]
+  last = jnp.floor(frame_t.max(axis=-1)).astype(jnp.int32) if gt else jnp.zeros(lead, jnp.int32)
+  start = jnp.maximum(last + 1 if gt else last, max(gh, gw) if gt else 0)  # [...]
+  text = text_positions(start, text_len).astype(t.dtype)  # [..., text_len, 3]
+  return jnp.concatenate([video, text], axis=-2)
+
+
+def random_frame_t(key: jax.Array, num_frames: int, max_position: int) -> jax.Array:
+  """Randomised positions (Ruoss et al. 2023, arXiv:2305.16843): int32 [num_frames], a sorted random subset of
+  [0, max_position) without repeats, so training sees every position and every frame gap up to max_position
+  while the frames keep their order."""
+  if max_position < num_frames:
+    raise ValueError(f"random_frame_t: max_position={max_position} < num_frames={num_frames}")
+  return jnp.sort(jax.random.choice(key, max_position, (num_frames,), replace=False)).astype(jnp.int32)
+
+
+def shifted_frame_t(key: jax.Array, num_frames: int, max_position: int) -> jax.Array:
+  """A random shift: int32 [num_frames] = o + arange(num_frames), o uniform in [0, max_position - num_frames], so
+  the frames stay contiguous (gaps of 1) but land anywhere in [0, max_position)."""
+  if max_position < num_frames:
+    raise ValueError(f"shifted_frame_t: max_position={max_position} < num_frames={num_frames}")
+  offset = jax.random.randint(key, (), 0, max_position - num_frames + 1)
+  return (offset + jnp.arange(num_frames)).astype(jnp.int32)
+
+
+def interpolated_frame_t(num_frames: int, trained_range: int) -> np.ndarray:
+  """Frame-position interpolation (Chen et al. 2023, arXiv:2306.15595, on the time axis only): float32
+  [num_frames] = i * trained_range / num_frames when the video is longer than the trained range, so every frame
+  position stays inside [0, trained_range); shorter videos keep arange(num_frames)."""
+  t = np.arange(num_frames, dtype=np.float32)
+  if num_frames > trained_range:
+    t = t * np.float32(trained_range / num_frames)
+  return t

@@ -35,6 +35,8 @@ from vidlm.models.registry import register_model
 from vidlm.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TRAIN_POSITIONS = ("contiguous", "random", "shift")
+EVAL_POSITIONS = ("contiguous", "interpolate")
 
 
 @dataclasses.dataclass
@@ -60,6 +62,15 @@ class VideoLMConfig(config_lib.ModelSection):
   # none | full | dots | dots_no_batch | save_attention  (see layers/scan.py)
   remat: str = "none"
   scan_layers: bool = True
+  # Length generalisation (positions of the video's frames on RoPE's t axis; h, w and the text rule unchanged):
+  # train_positions: contiguous (t = 0..F-1, today) | random (a sorted random subset of [0, max_train_position) per
+  # example, Ruoss et al. 2023) | shift (t = o + 0..F-1, o uniform so t < max_train_position). Drawn per example
+  # from (train.seed, batch index) in training steps only (`VideoLM.deterministic`); evaluation is contiguous.
+  train_positions: str = "contiguous"
+  max_train_position: int = 0  # frame-position range of random / shift, in tubelet rows of t (= frames at t=1)
+  # eval_positions: contiguous | interpolate (a video longer than the trained frame range has t scaled into it:
+  # t * range / F, range = data.frames / tubelet_t, or max_train_position under random / shift)
+  eval_positions: str = "contiguous"
 
   def check_values(self, cfg: config_lib.Config) -> None:
     from vidlm.config_checks import check_field as need  # noqa: PLC0415  (config_checks imports vidlm.config)
@@ -73,6 +84,15 @@ class VideoLMConfig(config_lib.ModelSection):
          f"must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS/SEP of the byte tokenizer)")
     need(isinstance(m.rope_theta, int | float) and math.isfinite(m.rope_theta) and m.rope_theta > 0,
          "model.rope_theta", m.rope_theta, "must be a positive number")
+    need(m.train_positions in TRAIN_POSITIONS, "model.train_positions", m.train_positions,
+         f"expected {' | '.join(TRAIN_POSITIONS)}")
+    need(m.eval_positions in EVAL_POSITIONS, "model.eval_positions", m.eval_positions,
+         f"expected {' | '.join(EVAL_POSITIONS)}")
+    if m.train_positions != "contiguous":
+      frames = cfg.data.frames // max(m.tubelet[0], 1)
+      need(isinstance(m.max_train_position, int) and m.max_train_position >= frames, "model.max_train_position",
+           m.max_train_position, f"must be an int >= the training video's {frames} frame positions "
+           f"(data.frames / tubelet t) with model.train_positions={m.train_positions}")
 
   def validate(self, cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
     """Tubelet vs data shapes, dtypes, remat, the ring's chunks of the video+text sequence, and every attention
@@ -122,6 +142,14 @@ class VideoLM(nnx.Module):
     m, a = cfg.model, cfg.attention
     self.tubelet = tuple(m.tubelet)
     self.head_dim, self.rope_theta = m.head_dim, m.rope_theta
+    # frame positions (VideoLMConfig.train_positions / eval_positions); `deterministic` is NNX's train/eval switch
+    # (`Module.train()` clears it: the train step does), so only training steps draw random positions
+    self.train_positions, self.eval_positions = m.train_positions, m.eval_positions
+    self.max_train_position, self.position_seed = m.max_train_position, cfg.train.seed
+    self.trained_frame_range = (
+      m.max_train_position if m.train_positions != "contiguous" else cfg.data.frames // m.tubelet[0]
+    )
+    self.deterministic = True
     self.ring_layout = a.ring_layout if a.context_parallel == "ring" else None
     context_parallel = Ring(a.ring_layout) if self.ring_layout is not None else None
     self.remat, self.scan_layers = m.remat, m.scan_layers
@@ -176,9 +204,27 @@ class VideoLM(nnx.Module):
     return f // tt, h // th, w // tw
 
   def positions(self, frames_shape: tuple[int, ...], text_len: int) -> np.ndarray:
-    """The default positions int32 [N, 3] of a video of `frames_shape` [B, F, H, W, 3] followed by `text_len` text
-    tokens: video (t, h, w) in raster order, then text (p, p, p) from the largest video coordinate on."""
-    return rope_lib.video_text_positions(self._grid(frames_shape), text_len)
+    """The default (evaluation) positions [N, 3] of a video of `frames_shape` [B, F, H, W, 3] followed by
+    `text_len` text tokens: video (t, h, w) in raster order, then text (p, p, p) from the largest video coordinate
+    on; int32. With model.eval_positions=interpolate a video longer than the trained frame range has its t
+    scaled into that range (float32; text then starts right after the range, where training put it)."""
+    grid = self._grid(frames_shape)
+    if self.eval_positions == "interpolate" and grid[0] > self.trained_frame_range:
+      t = rope_lib.interpolated_frame_t(grid[0], self.trained_frame_range)
+      return np.asarray(rope_lib.frame_positions(t, grid[1:], text_len), np.float32)
+    return rope_lib.video_text_positions(grid, text_len)
+
+  def training_positions(self, frames_shape: tuple[int, ...], text_len: int, index: jax.Array) -> jax.Array | None:
+    """Per-example training positions int32 [B, N, 3] under model.train_positions=random | shift, drawn from
+    (train.seed, index[b]) so a run is reproducible and each example keeps its draw; None when contiguous (the
+    default forward's positions, unchanged)."""
+    if self.train_positions == "contiguous":
+      return None
+    grid = self._grid(frames_shape)
+    draw = rope_lib.random_frame_t if self.train_positions == "random" else rope_lib.shifted_frame_t
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(self.position_seed), i))(index.astype(jnp.int32))
+    frame_t = jax.vmap(lambda k: draw(k, grid[0], self.max_train_position))(keys)  # [B, gt]
+    return rope_lib.frame_positions(frame_t, grid[1:], text_len)
 
   def __call__(
     self,
@@ -330,7 +376,13 @@ class VideoLM(nnx.Module):
     """Masked next-token cross-entropy on the answer tokens -> (mean loss, sums): `losses.answer_loss` on this
     model's text logits. Reads frames, tokens, targets, loss_mask; the batch's other keys (index, cut_frames)
     are not used by VideoLM."""
-    return losses.answer_loss(self(batch["frames"], batch["tokens"]), batch, per_example=per_example)
+    positions = None
+    if not self.deterministic and self.train_positions != "contiguous":  # a training step (see __init__)
+      if "index" not in batch:
+        raise ValueError("VideoLM.loss: model.train_positions needs the batch's 'index' (per-example draws)")
+      positions = self.training_positions(batch["frames"].shape, batch["tokens"].shape[1], batch["index"])
+    logits = self(batch["frames"], batch["tokens"], positions=positions)
+    return losses.answer_loss(logits, batch, per_example=per_example)
 
   summarise = staticmethod(losses.summarise_answer)  # metrics from summed sums: loss, token_accuracy, exact_match
 

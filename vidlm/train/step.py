@@ -61,6 +61,7 @@ def make_train_step(graphdef, grad_accum: int, schedule: optax.Schedule) -> Call
 
   def train_step(state, batch):
     model, optimizer = nnx.merge(graphdef, state)
+    model.train()  # NNX training mode (deterministic=False) for this trace only: e.g. VideoLM's random positions
     # differentiate w.r.t. the parameter State as a plain pytree, so micro-batches can run under lax.scan
     model_def, params, rest = nnx.split(model, nnx.Param, ...)
 
