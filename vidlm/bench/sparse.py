@@ -8,8 +8,9 @@ Per (length T, mask, layout, density rho): forward and forward+backward time of
           frame-causal would need a dense [T, S] mask argument: not run, the table says so)
 and: speedup = dense / sparse, the issue's target 0.85 / rho, fraction of ideal = speedup * rho (1 = a listed
 block costs what a dense block costs); the selector's own time as a share of the dense forward (and fwd+bwd)
-time; layout memory (kv_indices + kv_counts, plus the transposed kv -> q lists the list schedule builds for
-dK/dV) against a dense [T, S] bool mask.
+time; layout memory: kv_indices + kv_counts, and the lists the kernel builds from them (its compacted forward
+copies and the transposed kv -> q lists for dK/dV, sized by jax.eval_shape of the kernel's own builder:
+gpu.sparse_schedule.build on GPU, tpu.schedule._list_scheds on TPU / CPU) against a dense [T, S] bool mask.
 
 Density rho = listed tiles the mask does not make EMPTY / all tiles the mask does not make EMPTY, measured on the
 layout that was timed. Layouts:
@@ -29,6 +30,8 @@ Timing: compile (recorded), warm-up, median of --iters calls of the compiled exe
 A correctness check first compares the sparse kernel with the fp32 reference given the same layout (forward and
 gradients, fresh random inputs). On CPU the kernel is the TPU kernel in interpret mode (tests use tiny sizes);
 if the backend cannot run a layout the bench stops with one line saying why (it never times the reference).
+JSON (--out) is rewritten after every case, so a run cut short keeps what it measured; --budget-s stops starting
+new cases (listed under not_run). Needs no data stack. Run: `PYTHONPATH=. python3 -m vidlm.bench.sparse --out x.json`.
 """
 
 from __future__ import annotations

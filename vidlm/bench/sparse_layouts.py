@@ -180,10 +180,15 @@ def layout_stats(layout, mask, b: int, hq: int, t: int, s: int, backend: str) ->
   n_q, n_k = t // bq, s // bk
   idx, cnt = layout.kv_indices, layout.kv_counts  # [nb, nh, nQ, W], [nb, nh, nQ]
   nb, nh, _, w = idx.shape
-  rel = mask.tile_relation(jnp.arange(n_q)[:, None] * bq, jnp.clip(idx, 0, n_k - 1) * bk, bq, bk)
-  valid = (jnp.arange(w) < cnt[..., None]) & (rel != 0) & (idx >= 0) & (idx < n_k)
-  new = jnp.concatenate([jnp.ones_like(idx[..., :1], bool), idx[..., 1:] != idx[..., :-1]], -1)  # sorted lists
-  listed = int(jnp.sum(valid & new))
+
+  @jax.jit  # one executable, not one small compile per eager op and shape (it matters on a GPU)
+  def count_listed(idx, cnt):
+    rel = mask.tile_relation(jnp.arange(n_q)[:, None] * bq, jnp.clip(idx, 0, n_k - 1) * bk, bq, bk)
+    valid = (jnp.arange(w) < cnt[..., None]) & (rel != 0) & (idx >= 0) & (idx < n_k)
+    new = jnp.concatenate([jnp.ones_like(idx[..., :1], bool), idx[..., 1:] != idx[..., :-1]], -1)  # sorted lists
+    return jnp.sum(valid & new)
+
+  listed = int(count_listed(idx, cnt))
   allowed = int(allowed_blocks(mask, n_q, n_k, bq, bk).sum())
   source, build = _kernel_list_builder(backend, mask, b, hq, n_q, n_k, s)
   fwd, bwd = jax.eval_shape(build, layout)
