@@ -4,14 +4,15 @@
 kernel forward *and* a kernel backward on every platform:
 
   backend     forward / backward                                        chosen by default on
-  "gpu"       pallas_kernels.gpu.flash (Mosaic GPU)                       gpu
+  "gpu"       pallas_kernels.gpu.flash (Mosaic GPU; with a BlockLayout      gpu
+              gpu.sparse_forward / sparse_backward)
   "tpu"       pallas_kernels.tpu.flash (pallas_call + scalar prefetch)   tpu
   "interpret" the TPU kernels in Pallas interpret mode                   cpu   (slow; for tests and debugging)
   "reference" dense fp32 math from reference.py (O(T * S) memory)        never (explicit only)
 
 No silent fallback: a call the chosen kernel cannot run raises `UnsupportedCall`, a one-line error naming the
-property (dtype, head dim, lengths vs blocks, a BlockLayout on GPU), unless the caller passes
-`allow_reference_fallback=True` (config `attention.allow_reference_fallback`): then the dense fp32 reference
+property (dtype, head dim, lengths vs blocks, layout blocks a kernel does not take), unless the caller
+passes `allow_reference_fallback=True` (config `attention.allow_reference_fallback`): then the dense fp32 reference
 runs, with a warning once per process. `unsupported_reason` is the same predicate on shapes alone (no device
 work), for config validation.
 
@@ -86,8 +87,6 @@ def _gpu_reason(q, k, v, segment_ids, mask: MaskSpec, layout, config) -> str | N
     gpu = _gpu_module()
   except UnsupportedCall as e:
     return str(e)
-  if layout is not None:
-    return "a BlockLayout (the GPU kernels have no block-sparse path yet)"
   if isinstance(config, tpu_flash.TpuFlashConfig):
     config = None  # block sizes are per backend
   from pallas_kernels.gpu import common as gpu_common  # noqa: PLC0415  (imported above through gpu.flash)
@@ -95,6 +94,12 @@ def _gpu_reason(q, k, v, segment_ids, mask: MaskSpec, layout, config) -> str | N
   d = q.shape[-1]
   if jnp.dtype(q.dtype) not in gpu_common._DTYPES or not q.dtype == k.dtype == v.dtype:
     return f"dtype {jnp.dtype(q.dtype).name}/{jnp.dtype(k.dtype).name} (the GPU kernels take bfloat16 or float16)"
+  if layout is not None:  # the block-sparse kernels take their blocks from the layout (config is not used)
+    from pallas_kernels.gpu import sparse_schedule  # noqa: PLC0415
+
+    if mask.q_offset < 0 or mask.kv_offset < 0:
+      return f"negative mask offsets in {mask}"
+    return sparse_schedule.layout_reason(layout, q.shape[0], q.shape[2], q.shape[1], k.shape[1], d)
   if d not in gpu_common._HEAD_DIMS:
     return f"head_dim={d} (the GPU kernels take {gpu_common._HEAD_DIMS})"
   if mask.q_offset < 0 or mask.kv_offset < 0:
@@ -238,6 +243,10 @@ def _forward(st: _Static, q, k, v, segment_ids, layout):
     return reference.attention(
       q, k, v, mask=st.mask, segment_ids=segment_ids, layout=layout, scale=st.scale, return_lse=True
     )
+  if st.backend == "gpu" and layout is not None:
+    from pallas_kernels.gpu.sparse_forward import sparse_forward  # noqa: PLC0415  (importable: _plan checked)
+
+    return sparse_forward(q, k, v, segment_ids, layout, mask=st.mask, scale=st.scale)
   if st.backend == "gpu":
     return _gpu_module().flash_forward(q, k, v, segment_ids, mask=st.mask, scale=st.scale, config=st.config)
   return tpu_flash.flash_forward(
@@ -255,8 +264,11 @@ def _forward(st: _Static, q, k, v, segment_ids, layout):
 
 def _backward(st: _Static, q, k, v, segment_ids, layout, out, lse, dout, dlse):
   kw = dict(mask=st.mask, scale=st.scale)
+  if st.backend == "gpu" and layout is not None:
+    from pallas_kernels.gpu.sparse_backward import sparse_backward  # noqa: PLC0415  (importable: _plan checked)
+
+    return sparse_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse=dlse, **kw)
   if st.backend == "gpu":
-    # layouts never reach here: _plan rejects them for the GPU backend
     return _gpu_module().flash_backward(q, k, v, segment_ids, out, lse, dout, config=st.config, dlse=dlse, **kw)
   if st.backend in ("tpu", "interpret"):
     return tpu_flash.flash_backward(
