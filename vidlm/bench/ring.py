@@ -1,14 +1,25 @@
 """`vidlm bench ring`: weak scaling of ring attention (layers/ring.py) against the single-GPU kernel.
 
 For ring sizes N (default 1, 2, 4 GPUs) with a fixed number of tokens per device c (default 8192), bf16,
-B=1, 32 query / 8 kv heads, D=128, causal mask, it times jit(grad) of sum(out * dO) (forward + backward) for:
+B=1, 32 query / 8 kv heads, D=128, for each mask of --masks it times jit(grad) of sum(out * dO) (forward +
+backward) for:
   * the ring on N GPUs over N*c tokens, for each token layout (contiguous, zigzag),
   * the same ring with the K/V (and dK/dV) transfers removed (`_permute=False`: wrong numbers, same compute),
   * the anchor, measured in the same run: the SAME local kernel on ONE GPU over the full N*c tokens,
   * optionally (--switch-variant) zigzag with every differing hop dispatched by lax.switch instead of the
     conditional-free per-device slicing (what the conditional costs).
+Masks (--masks, in ORIGINAL token positions; the ring permutes tokens into its layout):
+  causal         token-causal (cuDNN, flash, xla can run it)
+  frame_causal   VideoLM's mask: frames of --tokens-per-frame tokens see every earlier frame and themselves
+                 whole; an optional text tail of --text-tokens tokens after the video is token-causal.
+                 Our flash kernel (or xla) only: cuDNN cannot express it (--local-impl cudnn is refused).
+  bidirectional  (--bidirectional or in --masks) no mask; contiguous ring only
+Per-hop kernel (--local-impl): cudnn | flash (our Mosaic GPU kernel, `layers.attention.hop_kernel("flash")`,
+its backward fed with the global out and lse) | xla. The anchor is always the same kernel on one GPU.
 Columns:
-  per-device TFLOP/s = causal FLOPs(N*c) / N / ring time    (FLOPs: 4 T^2 H D / 2 forward, x3.5 fwd+bwd)
+  per-device TFLOP/s = FLOPs(N*c) / N / ring time
+      FLOPs: 4 T^2 H D forward (x1/2 causal) x3.5 fwd+bwd; frame_causal: 4 * visible pairs * H * D x3.5, the
+      visible (q, kv) pairs of the mask counted exactly (T (T + tokens_per_frame) / 2 without text)
   efficiency         = (anchor time / N) / ring time        (zhuzilin's metric: 100% = perfect weak scaling)
   exposed comm       = (ring time - ring-without-permute time) / ring time
   zigzag speedup     = contiguous ring time / zigzag ring time
@@ -21,7 +32,8 @@ XLA flags (set in XLA_FLAGS before the GPU backend starts; recorded in the JSON)
   --xla_gpu_use_memcpy_local_p2p=true   (preset "lhs+memcpy") permutes between GPUs of one process by copy
                                                    engines instead of NCCL kernels that take SMs from attention
 Wall-clock medians of jitted calls on random inputs after warm-up. Needs GPUs; imports nothing from the data
-stack (no grain / tfds). Run: `PYTHONPATH=. python3 -m vidlm.bench.ring --json ring.json`.
+stack (no grain / tfds). Run: `PYTHONPATH=. python3 -m vidlm.bench.ring --json ring.json`; issue 14's weak
+scaling with our kernel: `... --local-impl flash --masks causal,frame_causal --layouts zigzag`.
 """
 
 from __future__ import annotations
@@ -42,6 +54,45 @@ XLA_PRESETS = {
   "lhs+memcpy": ["--xla_gpu_enable_latency_hiding_scheduler=true", "--xla_gpu_use_memcpy_local_p2p=true"],
 }
 AXES = ("data", "fsdp", "seq", "tensor")
+
+
+MASKS = ("causal", "frame_causal", "bidirectional")
+
+
+def make_mask(kind: str, num_tokens: int, tokens_per_frame: int, text_tokens: int):
+  """The MaskSpec of mask `kind` over `num_tokens` tokens (frame_causal: video first, then `text_tokens` text)."""
+  from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
+
+  if kind == "causal":
+    return MaskSpec.causal()
+  if kind == "bidirectional":
+    return MaskSpec.bidirectional()
+  video = num_tokens - text_tokens if text_tokens else None
+  return MaskSpec.frame_causal(tokens_per_frame, video_tokens=video)
+
+
+def visible_pairs(mask, num_tokens: int) -> int:
+  """Number of (q, kv) pairs the mask lets through over a [T, T] self-attention, exactly, in O(T) host memory
+  (causal and frame_causal are monotone: the kv visible to q are a prefix, up to the last kv of q's frame)."""
+  import numpy as np  # noqa: PLC0415
+
+  if mask.kind == "bidirectional":
+    return num_tokens * num_tokens
+  pos = np.arange(num_tokens, dtype=np.int64)
+  frame = pos if mask.kind == "causal" else np.asarray(mask.frame_of(pos), np.int64)
+  # frame is non-decreasing: kv j is visible to q i iff frame[j] <= frame[i], i.e. j < searchsorted(frame, side=right)
+  return int(np.searchsorted(frame, frame, side="right").sum())
+
+
+def attention_flops(mask, num_tokens: int, num_heads: int, head_dim: int, *, backward: bool) -> float:
+  """Matmul FLOPs of attention under `mask`: causal / bidirectional as `ring.ring_flops` (T^2 / 2 causal, the
+  convention of the earlier rows); frame_causal from the exact visible-pair count."""
+  from layers import ring  # noqa: PLC0415
+
+  if mask.kind in ("causal", "bidirectional"):
+    return ring.ring_flops(num_tokens, num_heads, head_dim, causal=mask.kind == "causal", backward=backward)
+  f = 4.0 * visible_pairs(mask, num_tokens) * num_heads * head_dim
+  return f * (3.5 if backward else 1.0)
 
 
 def _set_xla_flags(preset: str) -> list[str]:
@@ -70,28 +121,22 @@ def _inputs(t: int, hq: int, hkv: int, d: int, seed: int = 0):
   return q, k, v, do
 
 
-def _single_fn(local_impl: str, causal: bool):
+def _single_fn(local_impl: str, mask):
   """Attention of the whole sequence on one GPU with the ring's local kernel."""
   import jax  # noqa: PLC0415
 
-  from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
-
-  if local_impl == "cudnn":
+  if local_impl == "cudnn":  # main() refuses masks cuDNN cannot express before any device work
+    causal = mask.kind == "causal"
     return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
   from layers.attention import attention  # noqa: PLC0415
 
-  mask = MaskSpec.causal() if causal else MaskSpec.bidirectional()
   return lambda q, k, v: attention(q, k, v, mask=mask, kernel=local_impl)
 
 
-def _ring_fn(
-  local_impl: str, causal: bool, layout: str, permute: bool = True, uniform: bool = True, barrier: bool = True
-):
+def _ring_fn(local_impl: str, mask, layout: str, permute: bool = True, uniform: bool = True, barrier: bool = True):
   from layers import ring  # noqa: PLC0415
   from layers.attention import hop_kernel  # noqa: PLC0415
-  from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
 
-  mask = MaskSpec.causal() if causal else MaskSpec.bidirectional()
   hop = hop_kernel(local_impl)
   return lambda q, k, v: ring.ring_attention(
     q, k, v, mask=mask, token_layout=layout, hop=hop, _permute=permute, _uniform=uniform, _barrier=barrier
@@ -132,28 +177,34 @@ def _hlo_collectives(text: str) -> dict:
   }
 
 
-def _check(local_impl: str, n: int, layout: str, t: int, hq: int, hkv: int, d: int) -> dict:
-  """Ring vs single-GPU kernel vs fp32 reference on a small causal problem: max relative errors."""
+def _out_and_grads(attn):
+  """jit of (out, dq, dk, dv) of sum(out * dO): one compile per kernel for the correctness check."""
+  import jax  # noqa: PLC0415
+
+  def f(q, k, v, do):
+    out, vjp = jax.vjp(attn, q, k, v)
+    return (out, *vjp(do.astype(out.dtype)))
+
+  return jax.jit(f)
+
+
+def _check(local_impl: str, n: int, layout: str, t: int, hq: int, hkv: int, d: int, mask) -> dict:
+  """Ring vs single-GPU kernel vs fp32 reference on a small problem under `mask`: max relative errors of the
+  output and dq, dk, dv (three compiles: reference, single kernel, ring)."""
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
 
   from layers import ring  # noqa: PLC0415
   from pallas_kernels import reference  # noqa: PLC0415
-  from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
 
+  t0 = time.perf_counter()
   q, k, v, do = _inputs(t, hq, hkv, d, seed=1)
   perm = ring.token_permutation(t, n, layout)
-  ref = _fwd_bwd(lambda q, k, v: reference.attention(q, k, v, mask=MaskSpec.causal()))
-  single = _fwd_bwd(_single_fn(local_impl, True))
+  r_ref = _out_and_grads(lambda q, k, v: reference.attention(q, k, v, mask=mask))(q, k, v, do)
+  r_single = _out_and_grads(_single_fn(local_impl, mask))(q, k, v, do)
   mesh = _mesh(n)
   with jax.set_mesh(mesh):
-    rng = _fwd_bwd(_ring_fn(local_impl, True, layout))
-    g_ring = rng(*_shard(mesh, q[:, perm], k[:, perm], v[:, perm], do[:, perm]))
-    out_ring = jax.jit(_ring_fn(local_impl, True, layout))(*_shard(mesh, q[:, perm], k[:, perm], v[:, perm]))
-  g_ref = ref(q, k, v, do)
-  g_single = single(q, k, v, do)
-  o_ref = reference.attention(q, k, v, mask=MaskSpec.causal())
-  o_single = _single_fn(local_impl, True)(q, k, v)
+    r_ring = _out_and_grads(_ring_fn(local_impl, mask, layout))(*_shard(mesh, q[:, perm], k[:, perm], v[:, perm], do[:, perm]))
 
   def rel(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -162,15 +213,38 @@ def _check(local_impl: str, n: int, layout: str, t: int, hq: int, hkv: int, d: i
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
   inv = np.argsort(perm)
-  ring_vs_ref = max([rel(out_ring[:, inv], o_ref)] + [rel(a[:, inv], b) for a, b in zip(g_ring, g_ref)])
-  single_vs_ref = max([rel(o_single, o_ref)] + [rel(a, b) for a, b in zip(g_single, g_ref)])
   return {
+    "mask": mask.kind,
     "ring": n,
     "layout": layout,
     "tokens": t,
-    "ring_vs_fp32_ref": ring_vs_ref,
-    "single_vs_fp32_ref": single_vs_ref,
+    "ring_vs_fp32_ref": max(rel(a[:, inv], b) for a, b in zip(r_ring, r_ref)),
+    "single_vs_fp32_ref": max(rel(a, b) for a, b in zip(r_single, r_ref)),
+    "check_s": round(time.perf_counter() - t0, 1),
   }
+
+
+def _check_args(p, args) -> list[str]:
+  """The masks to time; one-line usage errors (exit 2) for combinations no kernel or layout can run."""
+  masks = [m for m in args.masks.split(",") if m]
+  if args.bidirectional and "bidirectional" not in masks:
+    masks.append("bidirectional")
+  bad = [m for m in masks if m not in MASKS]
+  if bad or not masks:
+    p.error(f"--masks {args.masks!r}: expected a comma-separated subset of {','.join(MASKS)}")
+  if args.local_impl not in ("cudnn", "flash", "xla"):
+    p.error(f"--local-impl {args.local_impl!r}: expected cudnn | flash | xla")
+  if args.local_impl == "cudnn" and "frame_causal" in masks:
+    p.error("--local-impl cudnn cannot express the frame_causal mask; use --local-impl flash (our kernel) or xla")
+  for layout in args.layouts.split(","):
+    if layout not in ("zigzag", "contiguous"):
+      p.error(f"--layouts {args.layouts!r}: expected a comma-separated subset of zigzag,contiguous")
+  if "frame_causal" in masks:
+    if args.tokens_per_frame < 1:
+      p.error(f"--tokens-per-frame {args.tokens_per_frame}: must be >= 1")
+    if not 0 <= args.text_tokens < args.tokens_per_device:
+      p.error(f"--text-tokens {args.text_tokens}: must be in [0, --tokens-per-device={args.tokens_per_device})")
+  return masks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--kv-heads", type=int, default=8)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--local-impl", default="cudnn", help="per-hop kernel: cudnn | flash | xla (also the anchor)")
+  p.add_argument("--masks", default="causal", help=f"comma-separated subset of {','.join(MASKS)}")
+  p.add_argument("--tokens-per-frame", type=int, default=256, help="frame_causal: tokens per video frame")
+  p.add_argument("--text-tokens", type=int, default=0, help="frame_causal: token-causal text tail after the video")
   p.add_argument("--bidirectional", action="store_true", help="also time unmasked attention (contiguous ring)")
   p.add_argument("--xla-preset", default="lhs", choices=sorted(XLA_PRESETS))
   p.add_argument("--warmup", type=int, default=3)
@@ -195,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--barrier-variant", action="store_true", help="also time rings without optimization barriers")
   p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # smoke test of the code paths
   args = p.parse_args(argv)
+  masks = _check_args(p, args)
 
   flags = _set_xla_flags(args.xla_preset)
   import jax  # noqa: PLC0415
@@ -206,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"vidlm bench ring: needs GPUs (found {devices[0].platform})", file=sys.stderr)
     return 2
   sizes = [x for x in args.ring_sizes if x <= len(devices)]  # in the given order
+  if not sizes:
+    p.error(f"--ring-sizes {args.ring_sizes}: none fits the {len(devices)} devices here")
   layouts = args.layouts.split(",")
   c, hq, hkv, d = args.tokens_per_device, args.heads, args.kv_heads, args.head_dim
+  tpf, text = args.tokens_per_frame, args.text_tokens
   meta = {
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "device": f"{len(devices)}x {devices[0].device_kind}",
@@ -216,9 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     "xla_preset": args.xla_preset,
     "preset_flags": flags,
     "local_impl": args.local_impl,
+    "masks": masks,
     "shape": {"batch": 1, "tokens_per_device": c, "q_heads": hq, "kv_heads": hkv, "head_dim": d, "dtype": "bfloat16"},
     "command": "vidlm bench ring " + " ".join(argv if argv is not None else sys.argv[1:]),
   }
+  if "frame_causal" in masks:
+    meta["frame_causal"] = {"tokens_per_frame": tpf, "text_tokens": text}
   print(json.dumps(meta), flush=True)
   results: dict = {"meta": meta, "checks": [], "rows": []}
 
@@ -227,63 +311,71 @@ def main(argv: list[str] | None = None) -> int:
       with open(args.json, "w") as f:
         json.dump(results, f, indent=2)
 
-  if args.check_tokens:
-    for n in [max(sizes)] if max(sizes) > 1 else []:
-      for layout in layouts:
+  if args.check_tokens and max(sizes) > 1:
+    n = max(sizes)
+    for kind in masks:
+      # the check's text tail is scaled with its length, so a short check still has video and text
+      chk_text = text * args.check_tokens // (n * c) if kind == "frame_causal" else 0
+      mask = make_mask(kind, args.check_tokens, tpf, chk_text)
+      for layout in layouts if kind != "bidirectional" else ["contiguous"]:
         try:
-          chk = _check(args.local_impl, n, layout, args.check_tokens, hq, hkv, d)
+          chk = _check(args.local_impl, n, layout, args.check_tokens, hq, hkv, d, mask)
         except Exception as e:  # noqa: BLE001
-          chk = {"ring": n, "layout": layout, "error": f"{type(e).__name__}: {e}"[:300]}
+          chk = {"mask": kind, "ring": n, "layout": layout, "error": f"{type(e).__name__}: {e}"[:300]}
         print("check", json.dumps(chk), flush=True)
         results["checks"].append(chk)
         dump()
 
-  causal_modes = [True] + ([False] if args.bidirectional else [])
-  for causal in causal_modes:
+  for kind in masks:
     for n in sizes:
       t = n * c
-      flops = ring.ring_flops(t, hq, d, causal=causal, backward=True)
+      mask = make_mask(kind, t, tpf, text)
+      flops = attention_flops(mask, t, hq, d, backward=True)
       q, k, v, do = _inputs(t, hq, hkv, d)
       try:
-        fa, _ = _compile(_fwd_bwd(_single_fn(args.local_impl, causal)), (q, k, v, do))
+        fa, _ = _compile(_fwd_bwd(_single_fn(args.local_impl, mask)), (q, k, v, do))
         t_single = median_seconds(fa, (q, k, v, do), args.warmup, args.iters)
       except Exception as e:  # noqa: BLE001
-        print(f"anchor N={n} failed: {type(e).__name__}: {e}"[:400], flush=True)
+        print(f"anchor {kind} N={n} failed: {type(e).__name__}: {e}"[:400], flush=True)
         continue
-      row_layouts = layouts if causal else ["contiguous"]
+      row_layouts = layouts if kind != "bidirectional" else ["contiguous"]
       mesh = _mesh(n)
       times = {}
       for layout in row_layouts if n > 1 else ["contiguous"]:
         row = {
-          "mask": "causal" if causal else "bidirectional",
+          "mask": kind,
           "ring": n,
           "layout": layout if n > 1 else "-",
           "tokens": t,
+          "local_impl": args.local_impl,
+          "flops_fwd_bwd": flops,
           "single_gpu_ms": 1e3 * t_single,
           "single_gpu_tflops": flops / t_single / 1e12,
         }
+        if kind == "frame_causal":
+          row.update(tokens_per_frame=tpf, text_tokens=text)
         try:
           perm = ring.token_permutation(t, n, layout)
           qs, ks_, vs, dos = _shard(mesh, q[:, perm], k[:, perm], v[:, perm], do[:, perm])
           rargs = (qs, ks_, vs, dos)
           with jax.set_mesh(mesh):
-            f, row["compile_s"] = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout)), rargs)
+            f, row["compile_s"] = _compile(_fwd_bwd(_ring_fn(args.local_impl, mask, layout)), rargs)
             t_ring = median_seconds(f, rargs, args.warmup, args.iters)
             if n > 1:
-              text = f.as_text()
-              row["hlo"] = _hlo_collectives(text)
+              text_hlo = f.as_text()
+              row["hlo"] = _hlo_collectives(text_hlo)
               if args.hlo_dir and n == max(sizes):
-                with open(os.path.join(args.hlo_dir, f"ring_{layout}_{n}.hlo.txt"), "w") as fh:
-                  fh.write(text)
-              f0, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, permute=False)), rargs)
+                with open(os.path.join(args.hlo_dir, f"ring_{kind}_{layout}_{n}.hlo.txt"), "w") as fh:
+                  fh.write(text_hlo)
+              f0, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, mask, layout, permute=False)), rargs)
               t_nocomm = median_seconds(f0, rargs, args.warmup, args.iters)
               row["ring_no_permute_ms"] = 1e3 * t_nocomm
               row["exposed_comm_pct"] = 100.0 * (t_ring - t_nocomm) / t_ring
               if args.barrier_variant:
-                fb, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, barrier=False)), rargs)
+                fb, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, mask, layout, barrier=False)), rargs)
                 row["ring_no_barrier_ms"] = 1e3 * median_seconds(fb, rargs, args.warmup, args.iters)
-              if layout == "zigzag" and causal and args.switch_variant:
-                fs, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, causal, layout, uniform=False)), rargs)
+              if layout == "zigzag" and kind != "bidirectional" and args.switch_variant:
+                fs, _ = _compile(_fwd_bwd(_ring_fn(args.local_impl, mask, layout, uniform=False)), rargs)
                 row["ring_switch_dispatch_ms"] = 1e3 * median_seconds(fs, rargs, args.warmup, args.iters)
           row["ring_ms"] = 1e3 * t_ring
           row["per_device_tflops"] = flops / n / t_ring / 1e12
@@ -296,32 +388,39 @@ def main(argv: list[str] | None = None) -> int:
         dump()
       if "zigzag" in times and "contiguous" in times:
         for row in results["rows"]:
-          if (row["ring"], row["layout"], row["mask"]) == (n, "zigzag", "causal" if causal else "bidirectional"):
+          if (row["ring"], row["layout"], row["mask"]) == (n, "zigzag", kind):
             row["zigzag_speedup_vs_contiguous"] = times["contiguous"] / times["zigzag"]
 
   print()
+  fc = f", frame_causal {tpf} tokens/frame + {text} text" if "frame_causal" in masks else ""
   print(
     f"ring attention fwd+bwd, {meta['device']}, local={args.local_impl}, {c} tokens/device, bf16, "
-    f"{hq}q/{hkv}kv heads, D={d}, XLA preset {args.xla_preset}"
+    f"{hq}q/{hkv}kv heads, D={d}, XLA preset {args.xla_preset}{fc}"
   )
+  print(table(results["rows"]))
+  dump()
+  return 0
+
+
+def table(rows: list[dict]) -> str:
+  """The printed summary: one line per row, sorted by mask, ring size, layout."""
   hdr = f"{'mask':13} {'N':>2} {'layout':10} {'tokens':>7} {'ring ms':>8} {'TF/s/dev':>8} {'1-GPU ms':>8} "
   hdr += (
     f"{'1-GPU TF/s':>10} {'eff %':>6} {'nocomm ms':>9} {'exposed %':>9} {'zz x':>5} {'switch ms':>9} {'nobarr ms':>9}"
   )
-  print(hdr)
-  for r in sorted(results["rows"], key=lambda r: (r["mask"], r["ring"], r["layout"])):
+  lines = [hdr]
+  for r in sorted(rows, key=lambda r: (r["mask"], r["ring"], r["layout"])):
     if "error" in r:
-      print(f"{r['mask']:13} {r['ring']:>2} {r['layout']:10} error: {r['error'][:80]}")
+      lines.append(f"{r['mask']:13} {r['ring']:>2} {r['layout']:10} error: {r['error'][:80]}")
       continue
-    print(
+    lines.append(
       f"{r['mask']:13} {r['ring']:>2} {r['layout']:10} {r['tokens']:>7} {r['ring_ms']:8.2f} {r['per_device_tflops']:8.1f} "
       f"{r['single_gpu_ms']:8.2f} {r['single_gpu_tflops']:10.1f} {r['efficiency_pct']:6.1f} "
       f"{r.get('ring_no_permute_ms', float('nan')):9.2f} {r.get('exposed_comm_pct', float('nan')):9.1f} "
       f"{r.get('zigzag_speedup_vs_contiguous', float('nan')):5.2f} {r.get('ring_switch_dispatch_ms', float('nan')):9.2f} "
       f"{r.get('ring_no_barrier_ms', float('nan')):9.2f}"
     )
-  dump()
-  return 0
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":
