@@ -40,9 +40,11 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -96,20 +98,54 @@ def _loss_grad(f):
   return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def timed(fn, args, warmup: int, iters: int, cache: dict | None = None, key=None):
-  """(median ms of the compiled executable, compile seconds, the executable). With `cache`, an executable
-  compiled earlier under the same `key` (same function, same argument shapes) is reused: compile seconds 0."""
-  import jax  # noqa: PLC0415
+class Programs:
+  """Compile many programs before timing any: lower each (Python, serial), then compile them in a thread pool
+  (XLA compiles outside the GIL; a sparse fwd+bwd program is seconds of backend compile on a GPU, and a full run
+  has ~50 per length and mask), then time them one at a time on an idle host. Programs under one key (same
+  function, same argument shapes: e.g. two layouts of equal width) compile once."""
 
-  t0 = time.perf_counter()
-  if cache is not None and key in cache:
-    compiled = cache[key]
-  else:
-    compiled = jax.jit(fn).lower(*args).compile()
-    if cache is not None:
-      cache[key] = compiled
-  compile_s = time.perf_counter() - t0
-  return 1e3 * median_seconds(compiled, args, warmup, iters), compile_s, compiled
+  def __init__(self, workers: int):
+    self.workers = workers
+    self.done: dict = {}  # key -> (executable or the exception that stopped it, compile seconds)
+
+  def compile(self, items) -> dict:
+    """items: (key, fn, args). Returns the phase's counts and seconds (for the JSON)."""
+    import jax  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    lowered: dict = {}
+    for key, fn, args in items:
+      if key in self.done or key in lowered:
+        continue
+      try:
+        lowered[key] = jax.jit(fn).lower(*args)
+      except Exception as e:  # noqa: BLE001  (reported on the row that needs it)
+        self.done[key] = (e, 0.0)
+    t1 = time.perf_counter()
+
+    def one(lo):
+      ts = time.perf_counter()
+      try:
+        return lo.compile(), time.perf_counter() - ts
+      except Exception as e:  # noqa: BLE001
+        return e, time.perf_counter() - ts
+
+    with ThreadPoolExecutor(max(1, min(self.workers, len(lowered)))) as pool:
+      self.done.update(zip(lowered, pool.map(one, lowered.values())))
+    return {"programs": len(lowered), "lower_s": t1 - t0, "compile_wall_s": time.perf_counter() - t1}
+
+  def run(self, key, args):
+    exe, _ = self.done[key]
+    if isinstance(exe, Exception):
+      raise exe
+    return exe(*args)
+
+  def time(self, key, args, warmup: int, iters: int) -> tuple[float, float]:
+    """(median ms, compile seconds of the program)."""
+    exe, compile_s = self.done[key]
+    if isinstance(exe, Exception):
+      raise exe
+    return 1e3 * median_seconds(exe, args, warmup, iters), compile_s
 
 
 def rel_err(a, b) -> float:
@@ -132,14 +168,21 @@ def check_kernel(mask_name: str, mask, t: int, hq: int, hkv: int, d: int, block:
   do = jax.random.normal(ks[3], (1, t, hq, d), jnp.bfloat16)
   layout = sl.random_layout(ks[4], mask, 0.25, t, t, block, block, hkv, hq)
   require_layout_kernel(q, k, v, mask, layout)
-  fa = jax.jit(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay))
-  ga = jax.jit(_loss_grad(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)))
-  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-  ref = jax.jit(lambda q, k, v, lay: reference.attention(q, k, v, mask=mask, layout=lay))
-  gr = jax.jit(_loss_grad(lambda q, k, v, lay: reference.attention(q, k, v, mask=mask, layout=lay)))
-  errs = {"out": rel_err(fa(q, k, v, layout), ref(*f32, layout))}
-  for name, a, r in zip(("dq", "dk", "dv"), ga(q, k, v, do, layout), gr(*f32, do, layout)):
-    errs[name] = rel_err(a, r)
+
+  def kernel(q, k, v, lay):
+    return ops.flash_attention(q, k, v, mask=mask, layout=lay)
+
+  def ref(q, k, v, lay):
+    return reference.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask=mask,
+                               layout=lay)
+
+  def both(q, k, v, do, lay):
+    return (kernel(q, k, v, lay), *_loss_grad(kernel)(q, k, v, do, lay)), (ref(q, k, v, lay), *_loss_grad(ref)(q, k, v, do, lay))
+
+  # the fp32 reference's dots would each run XLA's GEMM autotuner on a GPU (seconds each): off for the check
+  opts = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
+  got, want = jax.jit(both, compiler_options=opts)(q, k, v, do, layout)
+  errs = {name: rel_err(g, w) for name, g, w in zip(("out", "dq", "dk", "dv"), got, want)}
   ok = all(math.isfinite(e) and e <= CHECK_TOL for e in errs.values())
   return {"mask": mask_name, "tokens": t, "rel_err": errs, "ok": ok, "tol": CHECK_TOL}
 
@@ -164,12 +207,22 @@ def cudnn_reason(mask_name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# One length x mask: anchors, then every layout x density
+# One length x mask: compile (anchors, selectors), time anchors, build layouts, compile sparse programs, time them
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def _err(e: Exception) -> str:
   return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def _phase(out: dict, base: dict, name: str, counts: dict) -> None:
+  out["phases"].append({**base, "phase": name, **counts})
+  print(f"  compiled {counts['programs']} {name} programs: lowering {counts['lower_s']:.1f} s, compiling "
+        f"{counts['compile_wall_s']:.1f} s", flush=True)
+
+
+def _past(deadline: float | None) -> bool:
+  return deadline is not None and time.monotonic() > deadline
 
 
 def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline: float | None) -> None:
@@ -180,6 +233,11 @@ def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline
   from pallas_kernels import ops  # noqa: PLC0415
 
   d, bs, tpf = a.head_dim, a.block, a.tokens_per_frame
+  base = {"T": t, "mask": mask_name, "Hq": hq, "Hkv": hkv, "D": d, "block": bs}
+  cases = [{**base, "layout": n, "density_requested": r} for n in a.layouts for r in a.densities]
+  if _past(deadline):
+    out["not_run"] += [{**c, "why": "--budget-s reached"} for c in cases]
+    return
   mask = sl.make_mask(mask_name, tpf)
   ks = jax.random.split(jax.random.key(7 * t + len(mask_name)), 6)
   q = jax.random.normal(ks[0], (1, t, hq, d), jnp.bfloat16)
@@ -188,101 +246,125 @@ def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline
   n_q = n_k = t // bs
   allowed = sl.allowed_blocks(mask, n_q, n_k, bs, bs)
   own = sl.own_matrix(allowed, bs, bs)
-  # fail fast, before any timing, when the kernel cannot run a layout at this shape
+  # fail fast, before any compile or timing, when the kernel cannot run a layout at this shape
   require_layout_kernel(q, k, v, mask, sl.random_layout(ks[4], mask, a.densities[0], t, t, bs, bs, hkv, hq))
-  base = {"T": t, "mask": mask_name, "Hq": hq, "Hkv": hkv, "D": d, "block": bs}
-  tile_flops = 4 * d * bs * bs
-  dense_flops = tile_flops * int(allowed.sum()) * hq
+  progs = Programs(a.compile_workers)
+
+  def args_for(mode, *extra):
+    return (q, k, v, *extra) if mode == "fwd" else (q, k, v, do, *extra)
+
+  def program(f, mode, *extra):
+    return (f if mode == "fwd" else _loss_grad(f)), args_for(mode, *extra)
+
+  # phase 1: compile the anchors and the selectors
   impls = {"dense": lambda q, k, v: ops.flash_attention(q, k, v, mask=mask)}
   why_not = cudnn_reason(mask_name)
   if why_not is None:
     impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+  items = [((name, mode), *program(f, mode)) for mode in a.modes for name, f in impls.items()]
+  for i, case in enumerate(cases):
+    if case["layout"] != "random":
+      try:
+        params, predicted = sl.selector_params(case["layout"], case["density_requested"], allowed, own, bs, bs, tpf)
+        selector = sl.make_layout_selector(case["layout"], params, bs, bs, t, tpf)
+      except Exception as e:  # noqa: BLE001  (recorded on the case's row)
+        case["error"] = _err(e)
+        continue
+      case.update(params=params, density_predicted=predicted)
+      items.append((("selector", i), (lambda s: lambda q, k: s(q, k, mask, 0))(selector), (q, k)))
+  _phase(out, base, "anchors+selectors", progs.compile(items))
+
+  # anchors
   anchor_ms: dict = {}
-  compiled: dict = {}  # sparse executables by (mode, layout shapes): layouts of equal width share one
+  dense_flops = 4 * d * bs * bs * int(allowed.sum()) * hq
   for mode in a.modes:
     row = {**base, "mode": mode, "flops": dense_flops * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)}
     if why_not is not None:
       row["cudnn_note"] = why_not
-    for name, f in impls.items():
-      fn, args = (f, (q, k, v)) if mode == "fwd" else (_loss_grad(f), (q, k, v, do))
+    for name in impls:
       try:
-        ms, cs, _ = timed(fn, args, a.warmup, a.iters)
-      except Exception as e:  # noqa: BLE001  (an anchor failing is reported; the dense one is needed below)
+        ms, cs = progs.time((name, mode), args_for(mode), a.warmup, a.iters)
+      except Exception as e:  # noqa: BLE001  (an anchor failing is reported; the others still run)
         row[f"{name}_error"] = _err(e)
         continue
-      row[f"{name}_ms"], row[f"{name}_compile_s"] = ms, cs
-      row[f"{name}_tflops"] = row["flops"] / ms / 1e9
+      row.update({f"{name}_ms": ms, f"{name}_compile_s": cs, f"{name}_tflops": row["flops"] / ms / 1e9})
       anchor_ms[(name, mode)] = ms
     if "dense_ms" in row and "cudnn_ms" in row:
       row["dense_vs_cudnn"] = row["cudnn_ms"] / row["dense_ms"]
     out["anchors"].append(row)
     print(_fmt_anchor(row), flush=True)
-    _dump(a.out, out)
-  for name in a.layouts:
-    for rho in a.densities:
-      if deadline is not None and time.monotonic() > deadline:
-        out["not_run"].append({**base, "layout": name, "density_requested": rho, "why": "--budget-s reached"})
-        continue
-      case = {**base, "layout": name, "density_requested": rho}
-      try:
-        _sparse_case(case, mask, q, k, v, do, ks[5], allowed, own, a, anchor_ms, compiled, out)
-      except ConfigError:
-        raise
-      except Exception as e:  # noqa: BLE001  (building the layout failed: recorded, the other cases still run)
-        out["rows"].append({**case, "error": _err(e)})
-        print(_fmt_row(out["rows"][-1]), flush=True)
-      _dump(a.out, out)
+  _dump(a.out, out)
 
-
-def _sparse_case(case, mask, q, k, v, do, key, allowed, own, a, anchor_ms, compiled, out) -> None:
-  """Build one layout (random or a selector's, timing the selector), then time the kernel with it per mode."""
-  import jax  # noqa: PLC0415
-
-  from pallas_kernels import ops  # noqa: PLC0415
-
-  name, rho = case["layout"], case["density_requested"]
-  t, hq, hkv, bs, tpf = q.shape[1], q.shape[2], k.shape[2], a.block, a.tokens_per_frame
-  info: dict = dict(case)
-  if name == "random":
-    layout = sl.random_layout(jax.random.fold_in(key, round(rho * 1e6)), mask, rho, t, t, bs, bs, hkv, hq)
-  else:
-    params, predicted = sl.selector_params(name, rho, allowed, own, bs, bs, tpf)
-    selector = sl.make_layout_selector(name, params, bs, bs, t, tpf)
-    sel_ms, sel_cs, sel = timed(lambda q, k: selector(q, k, mask, 0), (q, k), a.warmup, a.iters)
-    layout = sel(q, k)
-    info.update(params=params, density_predicted=predicted, selector_ms=sel_ms, selector_compile_s=sel_cs)
-    for mode in a.modes:
-      if ("dense", mode) in anchor_ms:
-        info[f"selector_share_of_dense_{mode}"] = sel_ms / anchor_ms[("dense", mode)]
-  require_layout_kernel(q, k, v, mask, layout)
-  info.update(sl.layout_stats(layout, mask, q.shape[0], hq, t, t, ops.default_backend()))
-  rho_m = info["density"]
-  fwd_flops = 4 * q.shape[-1] * bs * bs * info["tiles_computed"]
-  f = lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)
-  for mode in a.modes:
-    row = {**info, "mode": mode, "flops": fwd_flops * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)}
-    fn, args = (f, (q, k, v, layout)) if mode == "fwd" else (_loss_grad(f), (q, k, v, do, layout))
-    try:
-      shapes = (mode, layout.kv_indices.shape, layout.kv_counts.shape, layout.block_q, layout.block_kv)
-      row["sparse_ms"], row["sparse_compile_s"], _ = timed(fn, args, a.warmup, a.iters, compiled, shapes)
-    except Exception as e:  # noqa: BLE001
-      row["error"] = _err(e)
-      out["rows"].append(row)
-      print(_fmt_row(row), flush=True)
+  # layouts (selectors timed here), then phase 2: compile every sparse program
+  layouts: dict = {}
+  for i, case in enumerate(cases):
+    if "error" in case:
       continue
-    row["sparse_tflops"] = row["flops"] / row["sparse_ms"] / 1e9
-    row["target_speedup"] = TARGET_EFFICIENCY / rho_m
-    for anchor in ("dense", "cudnn"):
-      if (anchor, mode) in anchor_ms:
-        row[f"{anchor}_ms"] = anchor_ms[(anchor, mode)]
-    if "dense_ms" in row:
-      row["speedup"] = row["dense_ms"] / row["sparse_ms"]
-      row["fraction_of_ideal"] = row["speedup"] * rho_m
-      row["meets_target"] = row["speedup"] >= row["target_speedup"]
-    if "cudnn_ms" in row:
-      row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["sparse_ms"]
-    out["rows"].append(row)
-    print(_fmt_row(row), flush=True)
+    try:
+      if case["layout"] == "random":
+        key = jax.random.fold_in(ks[5], i)
+        layouts[i] = sl.random_layout(key, mask, case["density_requested"], t, t, bs, bs, hkv, hq)
+      else:
+        sel_ms, sel_cs = progs.time(("selector", i), (q, k), a.warmup, a.iters)
+        layouts[i] = progs.run(("selector", i), (q, k))
+        case.update(selector_ms=sel_ms, selector_compile_s=sel_cs)
+        for mode in a.modes:
+          if ("dense", mode) in anchor_ms:
+            case[f"selector_share_of_dense_{mode}"] = sel_ms / anchor_ms[("dense", mode)]
+      require_layout_kernel(q, k, v, mask, layouts[i])
+      case.update(sl.layout_stats(layouts[i], mask, 1, hq, t, t, ops.default_backend()))
+    except ConfigError:
+      raise
+    except Exception as e:  # noqa: BLE001
+      case["error"] = _err(e)
+      layouts.pop(i, None)
+
+  def sparse(q, k, v, lay):
+    return ops.flash_attention(q, k, v, mask=mask, layout=lay)
+
+  def sparse_key(mode, lay):
+    return ("sparse", mode, lay.kv_indices.shape, lay.kv_counts.shape, lay.block_q, lay.block_kv)
+
+  items = [(sparse_key(mode, lay), *program(sparse, mode, lay)) for lay in layouts.values() for mode in a.modes]
+  if not _past(deadline):
+    _phase(out, base, "sparse", progs.compile(items))
+  for i, case in enumerate(cases):
+    if _past(deadline):
+      out["not_run"].append({**case, "why": "--budget-s reached"})
+      continue
+    if i not in layouts:
+      out["rows"].append(case)
+      print(_fmt_row(case), flush=True)
+      continue
+    for mode in a.modes:
+      key = sparse_key(mode, layouts[i])
+      out["rows"].append(_time_case(case, mode, progs, key, args_for(mode, layouts[i]), anchor_ms, a))
+      print(_fmt_row(out["rows"][-1]), flush=True)
+    _dump(a.out, out)
+
+
+def _time_case(case: dict, mode: str, progs: Programs, key, args, anchor_ms: dict, a) -> dict:
+  """One sparse row: time, FLOPs, speedup against the anchors of the same mode, the target."""
+  fwd_flops = 4 * case["D"] * case["block"] ** 2 * case["tiles_computed"]
+  row = {**case, "mode": mode, "flops": fwd_flops * (BWD_FACTOR if mode == "fwd+bwd" else 1.0)}
+  try:
+    row["sparse_ms"], row["sparse_compile_s"] = progs.time(key, args, a.warmup, a.iters)
+  except Exception as e:  # noqa: BLE001
+    row["error"] = _err(e)
+    return row
+  rho = row["density"]
+  row["sparse_tflops"] = row["flops"] / row["sparse_ms"] / 1e9
+  row["target_speedup"] = TARGET_EFFICIENCY / rho
+  for anchor in ("dense", "cudnn"):
+    if (anchor, mode) in anchor_ms:
+      row[f"{anchor}_ms"] = anchor_ms[(anchor, mode)]
+  if "dense_ms" in row:
+    row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+    row["fraction_of_ideal"] = row["speedup"] * rho
+    row["meets_target"] = row["speedup"] >= row["target_speedup"]
+  if "cudnn_ms" in row:
+    row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["sparse_ms"]
+  return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,12 +431,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--check-tokens", type=int, default=2048, help="tokens of the correctness check (0: skip)")
   p.add_argument("--budget-s", type=float, default=0.0, help="start no new case after this many seconds (0: none)")
+  p.add_argument("--compile-workers", type=int, default=min(8, os.cpu_count() or 1), help="threads compiling programs")
   p.add_argument("--out", default=None, help="JSON path (default benchmarks/sparse_<device>.json)")
   a = p.parse_args(argv)
   bs, tpf = a.block, a.tokens_per_frame
   for flag, value, low in (("--head-dim", a.head_dim, 1), ("--block", bs, 1), ("--tokens-per-frame", tpf, 1),
                            ("--iters", a.iters, 1), ("--warmup", a.warmup, 0), ("--heads", a.heads, 0),
-                           ("--kv-heads", a.kv_heads, 0), ("--check-tokens", a.check_tokens, 0)):
+                           ("--kv-heads", a.kv_heads, 0), ("--check-tokens", a.check_tokens, 0),
+                           ("--compile-workers", a.compile_workers, 1)):
     if value < low:
       p.error(f"{flag}={value}: must be >= {low}")
   for t in a.seqlens:
@@ -400,7 +484,7 @@ def _main(argv: list[str] | None) -> int:
       "warmup": a.warmup, "iters": a.iters, "bwd_factor": BWD_FACTOR, "target_efficiency": TARGET_EFFICIENCY,
       "command": "vidlm bench sparse " + " ".join(sys.argv[1:] if argv is None else argv),
     },
-    "checks": [], "anchors": [], "rows": [], "not_run": [],
+    "checks": [], "phases": [], "anchors": [], "rows": [], "not_run": [],
   }
   print(json.dumps(out["meta"]), flush=True)
   if jax.default_backend() == "gpu":
@@ -424,11 +508,7 @@ def _main(argv: list[str] | None) -> int:
       print(f"[{time.monotonic() - start:.0f} s] T={t} {mask_name} Hq={hq} Hkv={a.kv_heads or hq}\n{HEADER}", flush=True)
       run_length(t, mask_name, a, hq, a.kv_heads or hq, out, deadline)
   out["meta"]["wall_s"] = time.monotonic() - start
-  out["meta"]["compile_s_total"] = sum(
-    [r.get("dense_compile_s", 0.0) + r.get("cudnn_compile_s", 0.0) for r in out["anchors"]]
-    + [r.get("sparse_compile_s", 0.0) + (r.get("selector_compile_s", 0.0) if r.get("mode") == a.modes[0] else 0.0)
-       for r in out["rows"]]
-  )
+  out["meta"]["compile_s_total"] = sum(p["lower_s"] + p["compile_wall_s"] for p in out["phases"])
   print(f"\nsummary ({out['meta']['device']}, bf16, hd{a.head_dim}, block {a.block}; speedup = dense / sparse; "
         f"{out['meta']['wall_s']:.0f} s, of which compile {out['meta']['compile_s_total']:.0f} s)")
   print(HEADER)
