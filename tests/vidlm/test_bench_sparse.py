@@ -94,3 +94,15 @@ def test_bad_flags_one_line_exit_2(flags, says, capsys):
   assert cli.main(["bench", "sparse", *flags.split()]) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith("error: vidlm bench sparse") and says in err
+
+
+def test_a_backend_that_cannot_run_a_layout_stops_with_one_line(tmp_path, monkeypatch, capsys):
+  """No timing of a fallback: the kernel's refusal (here forced) ends the bench with one line, exit 2."""
+  from pallas_kernels import ops
+
+  monkeypatch.setattr(ops, "unsupported_reason", lambda *args, **kw: "a BlockLayout (forced by the test)")
+  argv = f"--seqlens 512 --densities 0.5 --masks causal --layouts random --heads 2 --check-tokens 0 --out {tmp_path}/x.json"
+  assert sparse.main(argv.split()) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and "cannot run a BlockLayout: a BlockLayout (forced by the test)" in err
+  assert not (tmp_path / "x.json").exists()  # stopped before anything was compiled or timed

@@ -407,6 +407,7 @@ def _fmt_anchor(r: dict) -> str:
 
 
 def _dump(path: str, out: dict) -> None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
 
