@@ -394,10 +394,11 @@ class Attention(nnx.Module):
       `RopeTables` of them (a model computes the tables once for all its layers); RoPE rotates by exactly these.
     layer_index: an int, or the traced int32 of a scanned stack; passed to the selector.
     cache: a per-layer `KVCache` whose positions / seq_index the model has recorded for these tokens.
-      decode=False (prefill): attention over this call's tokens exactly as without a cache, then their k/v are
-        written to slots [0, N) (or to `cache_slots` [N] when the tokens arrive in another order, ring layouts).
-      decode=True: one token per row (N = 1) is written at slot `cache.length` and its query attends the cache's
-        filled slots its mask rule allows (`KVCache.visible_to_next`), as segment ids over the whole cache.
+      decode=False (prefill of a full cache): attention over this call's tokens exactly as without a cache, then
+        their k/v are written to slots [0, N) (or to `cache_slots` [N] when the tokens arrive in another order).
+      decode=True (an append to any cache kind: a video chunk, a question, one decoded token): the queries attend
+        the cache's context (`KVCache.context`) and each other under `mask` (the chunk's own causal or
+        frame_causal rule), then k/v are written (`KVCache.append`); see `_cached`.
     """
     rope = positions if isinstance(positions, rope_lib.RopeTables) else rope_lib.tables(
       positions, self.head_dim, self.rope_theta
@@ -406,7 +407,7 @@ class Attention(nnx.Module):
     k = rope_lib.apply(self.k_proj(x), rope)
     v = self.v_proj(x)
     if cache is not None and decode:
-      out, cache = self._decode(q, k, v, cache)
+      out, cache = self._cached(q, k, v, cache, mask)
       return self.o_proj(out), cache
     layout = None
     if self.selector is not dense_selector:
@@ -424,33 +425,58 @@ class Attention(nnx.Module):
       return self.o_proj(out)
     return self.o_proj(out), cache.write_prefix(k, v, cache_slots)
 
-  def decode_kernel(self, q, k, v) -> str:
-    """The kernel a one-query decode call runs: the configured one where it can express the call (a query against
-    the whole cache with segment ids marking the visible slots), else XLA's dense path, which computes the same
-    fp32-softmax attention (the GPU flash and cuDNN kernels need long query blocks or take no segment ids; a
-    decode step is one matrix-vector product per head, memory-bound, where a dense read of the cache is the norm).
-    Never context parallel: decode reads the cache whole (a ring prefill leaves it gathered in sequence order)."""
-    name = resolve_kernel(self.kernel, dtype=q.dtype, mask=MaskSpec.bidirectional(), has_segments=True)
-    why = unsupported(
-      name, q, k, v, mask=MaskSpec.bidirectional(), has_segments=True,
-      allow_reference_fallback=self.allow_reference_fallback,
-    )
+  def decode_kernel(self, q, k, v, mask: MaskSpec = MaskSpec.bidirectional()) -> str:
+    """The kernel a cached call (decode or an appended chunk) runs: the configured one where it can express the call
+    (the chunk's queries against [cache context; chunk] with segment ids marking the visible slots and the chunk's
+    mask shifted behind the context), else XLA's dense path, which computes the same fp32-softmax attention (the GPU
+    flash and cuDNN kernels need long query blocks or take no segment ids; a decode step is one matrix-vector
+    product per head, memory-bound, where a dense read of the cache is the norm). Never context parallel: appends
+    read the cache whole (a ring prefill leaves it gathered in sequence order)."""
+    name = resolve_kernel(self.kernel, dtype=q.dtype, mask=mask, has_segments=True)
+    why = unsupported(name, q, k, v, mask=mask, has_segments=True, allow_reference_fallback=self.allow_reference_fallback)
     return name if why is None else "xla"
 
-  def _decode(self, q, k, v, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """q, k, v [B, 1, H, D]: write k/v at each row's next slot, attend q to the visible slots of the cache."""
-    if q.shape[1] != 1:
-      raise ValueError(f"Attention: decode takes one token per row, got {q.shape[1]} (prefill longer inputs)")
+  def _cached(self, q, k, v, cache: KVCache, mask: MaskSpec) -> tuple[jax.Array, KVCache]:
+    """q, k, v [B, N, H, D] of an append (N = 1: a decoded token): attend q to the cache's context
+    (`KVCache.context`: the visible buffer slots, plus retrieved store blocks) and to the chunk itself under `mask`
+    (causal, or frame_causal for a video chunk: the chunk's own token indices), then write k/v (`KVCache.append`).
+
+    The context is laid out before the chunk and every visible context slot is in the past of every chunk token,
+    so one kernel call does it: the chunk's mask shifted by the context length (rounded up to whole frames) and
+    segment ids (1 = visible). With per-kv-head retrieval the kv heads are folded into the batch (each head sees
+    its own blocks)."""
     if self.selector is not dense_selector:
       raise ValueError(
         "Attention: decoding with a KV cache is dense and this layer has a sparsity selector "
         "(attention.sparsity.method); block-sparse decode is not built yet: decode with method=none"
       )
-    cache = cache.write_token(k, v)
-    visible = cache.visible_to_next()  # [B, S_max]
-    seg = (jnp.ones(q.shape[:2], jnp.int32), visible.astype(jnp.int32))  # q id 1 meets kv id 1 = visible
-    out = attention(
-      q, cache.k, cache.v, mask=MaskSpec.bidirectional(), segment_ids=seg,
-      kernel=self.decode_kernel(q, cache.k, cache.v), allow_reference_fallback=self.allow_reference_fallback,
-    )
-    return out, cache
+    if mask.kind not in ("causal", "frame_causal") or mask.q_offset or mask.kv_offset:
+      raise ValueError(f"Attention: a cached append takes a causal or frame_causal chunk mask, got {mask}")
+    k_ctx, v_ctx, visible, cache = cache.context(q)
+    b, n, hq, d = q.shape
+    c, hkv = k_ctx.shape[1], k_ctx.shape[2]
+    tpf = mask.tokens_per_frame if mask.kind == "frame_causal" else 1
+    pad = -c % tpf  # the chunk starts on a frame boundary of the shifted mask
+    nv = None if mask.video_tokens is None else mask.video_tokens + c + pad
+    shifted = dataclasses.replace(mask, video_tokens=nv, q_offset=c + pad, kv_offset=pad)
+    k_all = jnp.concatenate([k_ctx, k.astype(k_ctx.dtype)], axis=1)  # [B, C + N, Hkv, D]
+    v_all = jnp.concatenate([v_ctx, v.astype(v_ctx.dtype)], axis=1)
+    if visible.ndim == 3:  # per-kv-head context: heads into the batch, [B*Hkv, ., G, D] against one kv head
+      g = hq // hkv
+      q_f = q.reshape(b, n, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b * hkv, n, g, d)
+      k_f, v_f = (x.transpose(0, 2, 1, 3).reshape(b * hkv, c + n, 1, d) for x in (k_all, v_all))
+      vis = jnp.concatenate([visible, jnp.ones((b, n, hkv), bool)], axis=1).transpose(0, 2, 1).reshape(b * hkv, -1)
+      seg = (jnp.ones((b * hkv, n), jnp.int32), vis.astype(jnp.int32))
+      out = attention(
+        q_f, k_f, v_f, mask=shifted, segment_ids=seg, kernel=self.decode_kernel(q_f, k_f, v_f, shifted),
+        allow_reference_fallback=self.allow_reference_fallback,
+      )
+      out = out.reshape(b, hkv, n, g, d).transpose(0, 2, 1, 3, 4).reshape(b, n, hq, d)
+    else:
+      vis = jnp.concatenate([visible, jnp.ones((b, n), bool)], axis=1)
+      seg = (jnp.ones((b, n), jnp.int32), vis.astype(jnp.int32))  # q id 1 meets kv id 1 = visible
+      out = attention(
+        q, k_all, v_all, mask=shifted, segment_ids=seg, kernel=self.decode_kernel(q, k_all, v_all, shifted),
+        allow_reference_fallback=self.allow_reference_fallback,
+      )
+    return out, cache.append(k, v)

@@ -32,6 +32,7 @@ from pallas_kernels.layout import MaskSpec
 from vidlm import config as config_lib
 from vidlm.models import losses
 from vidlm.models.registry import register_model
+from vidlm.models.video_lm_stream import StreamingMixin
 from vidlm.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -137,7 +138,7 @@ class VideoLMConfig(config_lib.ModelSection):
     return config_lib.sequence_length(cfg)
 
 
-class VideoLM(nnx.Module):
+class VideoLM(StreamingMixin, nnx.Module):
   def __init__(self, cfg: config_lib.Config, *, rngs: nnx.Rngs):
     m, a = cfg.model, cfg.attention
     self.tubelet = tuple(m.tubelet)
@@ -264,26 +265,20 @@ class VideoLM(nnx.Module):
     cache = KVCache.init(
       b, n + max_new_tokens, self.num_kv_heads, self.head_dim, num_layers=self.num_layers, dtype=self.dtype, mask=mask
     )
-    cache = cache.record(
-      jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, n, 3)), jnp.broadcast_to(jnp.arange(n), (b, n))
+    lengths = p if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
+    cache = cache.record(  # the padding of short prompts is written but not counted
+      jnp.broadcast_to(jnp.asarray(positions, jnp.int32), (b, n, 3)), jnp.broadcast_to(jnp.arange(n), (b, n)),
+      num_video + lengths,
     )
     logits, cache = self._forward(frames, prompt, positions=positions, cache=cache)
-    lengths = p if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
-    return logits, cache.advance(num_video + lengths)
+    return logits, cache.advance()
 
   def decode_step(self, token: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """token int32 [B] (or [B, 1]), appended to each row of `cache` at the next text position -> (logits float32
-    [B, V] of the token after it, cache). Attention reads the whole cache (context parallelism does not apply)."""
-    token = token.reshape(-1, 1)
-    pos = cache.next_position()[:, None]  # [B, 1, 3]
-    cache = cache.record(pos, cache.next_seq_index()[:, None])
-    rope = rope_lib.tables(pos, self.head_dim, self.rope_theta)  # [B, 1, D/2]
-    x = constrain(self.text_embed(token), ("batch", None, "embed"))
-    x, cache = self._layers(
-      x, rope, mask=cache.mask, residual=lambda y: constrain(y, ("batch", None, "embed")), cache=cache, decode=True
-    )
-    cache = cache.advance(cache.length + 1)
-    return self.lm_head(self.final_norm(x))[:, 0].astype(jnp.float32), cache
+    [B, V] of the token after it, cache), any cache kind: a one-token `extend_text` (vidlm/models/video_lm_stream.py).
+    Attention reads the whole cache context (context parallelism does not apply)."""
+    logits, cache = self.extend_text(token.reshape(-1, 1), cache)
+    return logits[:, 0], cache
 
   def _forward(self, frames, tokens, *, positions=None, segment_ids=None, cache: KVCache | None = None):
     """The full forward over video + text (and, given a fresh cache, its prefill): -> (text logits, cache)."""
@@ -335,7 +330,7 @@ class VideoLM(nnx.Module):
   def _layers(self, x, rope, *, mask, residual, segment_ids=None, cache: KVCache | None = None, decode=False,
               cache_slots=None):
     """The block stack on x [B, N, E] -> (x, cache): one `nnx.scan` (or a loop); a stacked cache's k/v are
-    scanned beside the weights, one layer's slice per step."""
+    scanned beside the weights, one layer's slice of every per-layer cache array (`KVCache.layer_arrays`) per step."""
     if cache is None:
 
       def body(block, carry):
@@ -350,25 +345,24 @@ class VideoLM(nnx.Module):
           x, _ = body(block, (x, i))
       return x, None
 
-    def cached_body(block, carry, kv):
+    def cached_body(block, carry, arrays):
       y, index = carry
-      layer_cache = dataclasses.replace(cache, k=kv[0], v=kv[1])
+      layer_cache = cache.with_layer_arrays(arrays)
       y, layer_cache = block(
         y, rope, mask=mask, segment_ids=segment_ids, constrain=residual, layer_index=index, cache=layer_cache,
         decode=decode, cache_slots=cache_slots,
       )
-      return (y, index + 1), (layer_cache.k, layer_cache.v)
+      return (y, index + 1), layer_cache.layer_arrays()
 
     if self.scan_layers:  # inference: nothing to rematerialise
-      (x, _), (k, v) = scan.apply_with_xs(self.blocks, (x, jnp.zeros((), jnp.int32)), (cache.k, cache.v), cached_body)
+      (x, _), arrays = scan.apply_with_xs(self.blocks, (x, jnp.zeros((), jnp.int32)), cache.layer_arrays(), cached_body)
     else:
-      ks, vs = [], []
+      per_layer = []
       for i, block in enumerate(self.blocks):
-        (x, _), (k_i, v_i) = cached_body(block, (x, i), (cache.k[i], cache.v[i]))
-        ks.append(k_i)
-        vs.append(v_i)
-      k, v = jnp.stack(ks), jnp.stack(vs)
-    return x, dataclasses.replace(cache, k=k, v=v)
+        (x, _), arrays_i = cached_body(block, (x, i), cache.layer(i).layer_arrays())
+        per_layer.append(arrays_i)
+      arrays = tuple(jnp.stack(a) for a in zip(*per_layer))
+    return x, cache.with_layer_arrays(arrays)
 
   def loss(
     self, batch: dict[str, jax.Array], *, per_example: bool = False

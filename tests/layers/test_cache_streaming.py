@@ -1,0 +1,227 @@
+"""Evicting KV caches (sink_window, block_retrieval) and chunked ingest into VideoLM (issue 13): exactness against
+the full cache / full forward, true positions as the window slides, constant shapes, retrieval of a planted key,
+one-line errors. fp32, tiny shapes, every step jitted."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers.attention import Attention
+from layers.cache import CacheSpec, KVCache
+from pallas_kernels.layout import MaskSpec
+from vidlm import config as config_lib
+from vidlm.models.registry import build_model
+
+TPF = 2  # tokens per frame of the layer-level streams
+
+
+def _layer():
+  with nnx.use_eager_sharding(False):
+    return Attention(16, 4, 2, 8, kernel="xla", rngs=nnx.Rngs(0))
+
+
+@nnx.jit(static_argnums=5)
+def _append(layer, cache, x, pos, seq, mask):
+  cache = cache.record(pos, seq)
+  out, cache = layer(x, pos, mask=mask, cache=cache, decode=True)
+  return out, cache.advance()
+
+
+@pytest.mark.parametrize("kind", ["sink_window", "block_retrieval"])
+def test_window_slides_with_true_positions(kind):
+  """A video-like stream (frames of 2 tokens, true (t, 0, w) positions) appended 2 frames at a time to an evicting
+  cache that wraps its ring 4 times: every chunk's output equals plain attention over exactly what the chunk may
+  see (sinks + the window before it + itself frame-causally, or for block_retrieval with top_k = all blocks, every
+  earlier token), each token at its TRUE position. So a slot's key does not depend on its ring slot or on how many
+  tokens were evicted before it."""
+  layer = _layer()
+  n, chunk, sink, window = 48, 4, 2, 8
+  x = jax.random.normal(jax.random.key(1), (1, n, 16))
+  j = np.arange(n)
+  pos = jnp.asarray(np.stack([j // TPF, 0 * j, j % TPF], -1)[None], jnp.int32)  # [1, N, 3]
+  seq = jnp.asarray(j // TPF)[None]  # one mask index per frame (the stream caches' causal group rule)
+  if kind == "sink_window":
+    spec = CacheSpec(kind, sink=sink, window=window)
+  else:
+    spec = CacheSpec(kind, sink=sink, window=window, block=4, blocks=12, top_k=12)
+  cache = KVCache.create(spec, 1, 2, 8, mask=MaskSpec.causal())
+  mask = MaskSpec.frame_causal(TPF)
+  for s in range(0, n, chunk):
+    out, cache = _append(layer, cache, x[:, s : s + chunk], pos[:, s : s + chunk], seq[:, s : s + chunk], mask)
+    ctx = j[:s] if kind == "block_retrieval" else j[:s][(j[:s] < sink) | (j[:s] >= max(sink, s - window))]
+    keep = np.concatenate([ctx, j[s : s + chunk]])
+    ref = layer(x[:, keep], pos[:, keep], mask=mask)[:, -chunk:]  # ctx holds whole frames: frames stay aligned
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f"chunk at {s}")
+  assert int(cache.length[0]) == n and cache.k.shape == (1, sink + window, 2, 8)
+  # the ring holds the last `window` tokens at their true positions, the sinks the first ones
+  held = np.asarray(cache.positions[0, :, 0]) * TPF + np.asarray(cache.positions[0, :, 2])
+  assert sorted(held) == [0, 1, *range(n - window, n)]
+  if kind == "sink_window":  # and the window really bites: plain full attention differs for the last chunk
+    full = layer(x, pos, mask=mask)[:, -chunk:]
+    assert float(jnp.max(jnp.abs(full - out))) > 1e-3
+
+
+def test_retrieval_picks_the_block_holding_a_planted_key():
+  """block_retrieval at the cache level: tokens with small random keys and one block (tokens 10..13) whose keys
+  point along u; a query along u retrieves that block on every kv head, its tokens are gathered, and once the
+  store (FIFO, 6 blocks) has moved on, the block is gone and only the newest evicted blocks are held."""
+  spec = CacheSpec("block_retrieval", sink=2, window=4, block=4, blocks=6, top_k=1)
+  cache = KVCache.create(spec, 1, 2, 8, mask=MaskSpec.causal())
+  rng = np.random.default_rng(0)
+  u = np.zeros(8, np.float32)
+  u[3] = 1.0
+
+  def keys(start, n):
+    k = 0.1 * rng.standard_normal((1, n, 2, 8)).astype(np.float32)
+    for t in range(start, start + n):
+      if 10 <= t < 14:  # block (10 - sink) // 4 = 2
+        k[0, t - start] = 5.0 * u
+    return jnp.asarray(k)
+
+  def add(cache, start, n, q=None):
+    t = jnp.arange(start, start + n)[None]
+    cache = cache.record(jnp.repeat(t[..., None], 3, -1), t)
+    q = jnp.zeros((1, n, 4, 8)) if q is None else q
+    k_ctx, _, vis, cache = cache.context(q)
+    k = keys(start, n)
+    return cache.append(k, k).advance(), (k_ctx, vis)
+
+  for s in range(0, 28, 4):
+    cache, _ = add(cache, s, 4)
+  # a query along u: both kv heads pick block slot 2, whose tokens (positions 10..13) come back with the context
+  cache, (k_ctx, vis) = add(cache, 28, 1, q=jnp.asarray(np.broadcast_to(u, (1, 1, 4, 8))))
+  np.testing.assert_array_equal(cache.picked[0], [[2], [2]])
+  np.testing.assert_array_equal(cache.store_pos[0, 8:12, 0], [10, 11, 12, 13])
+  np.testing.assert_allclose(k_ctx[0, spec.slots :, :, 3], 5.0)  # the retrieved block's keys, on both heads
+  assert bool(vis[0, spec.slots :].all())
+  # the representative of block 2 is its mean key
+  np.testing.assert_allclose(cache.rep[0, 2, :, 3], 5.0, atol=1e-6)
+  for s in range(29, 61, 4):
+    cache, _ = add(cache, s, 4)
+  token, valid = spec.store_tokens(cache.length)
+  held = sorted(np.asarray(token[0])[np.asarray(valid[0])])
+  evicted_last = int(cache.length[0]) - spec.window - 1  # tokens 2 .. 56 evicted; blocks of 4 from token 2
+  first_block = (evicted_last - 2) // 4 - 5  # the 6 newest blocks (the newest one partly filled)
+  assert held == list(range(2 + 4 * first_block, evicted_last + 1))
+  cache, _ = add(cache, 61, 1, q=jnp.asarray(np.broadcast_to(u, (1, 1, 4, 8))))
+  assert not np.any((np.asarray(cache.store_pos[0, :, 0]) >= 10) & (np.asarray(cache.store_pos[0, :, 0]) < 14)
+                    & np.asarray(cache.store_valid()[0]))
+
+
+def test_append_longer_than_the_window_is_an_error():
+  cache = KVCache.create(CacheSpec("sink_window", sink=1, window=4), 1, 1, 2, mask=MaskSpec.causal())
+  with pytest.raises(ValueError, match=r"append of 5 tokens does not fit the sink_window window of 4 \(cache.window\)"):
+    cache.record(jnp.zeros((1, 5, 3), jnp.int32), jnp.zeros((1, 5), jnp.int32))
+
+
+# ---- VideoLM: chunked ingest --------------------------------------------------------------------------------------
+
+B, FRAMES, PROMPT, TEXT = 2, 8, 4, 7  # 8 frames of 2 x 2 tokens = 32 video tokens
+
+
+def _model():
+  cfg = config_lib.Config(name="stream_test")
+  m = cfg.model
+  m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 4, 2, 8, 64
+  m.tubelet = (1, 8, 8)
+  cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.text_len = FRAMES, 16, 16, TEXT
+  cfg.attention.kernel = "xla"
+  return build_model(cfg, nnx.Rngs(0))
+
+
+def _inputs(seed=0, frames=FRAMES):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.integers(0, 256, (B, frames, 16, 16, 3), dtype=np.uint8)),
+          jnp.asarray(rng.integers(0, 256, (B, TEXT), dtype=np.int32)))
+
+
+_extend = nnx.jit(lambda m, f, c: m.extend(f, c))
+_extend_text = nnx.jit(lambda m, t, c: m.extend_text(t, c))
+_decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
+
+
+def _stream_logits(model, spec, frames, tokens, chunk):
+  """Text logits [B, TEXT, V]: frames ingested `chunk` frames at a time, the prompt appended, the rest decoded."""
+  cache = model.init_cache(B, spec, frame_shape=(16, 16))
+  for s in range(0, frames.shape[1], chunk):
+    cache = _extend(model, frames[:, s : s + chunk], cache)
+  logits, cache = _extend_text(model, tokens[:, :PROMPT], cache)
+  rows = [logits]
+  for i in range(PROMPT, TEXT):
+    step, cache = _decode(model, tokens[:, i], cache)
+    rows.append(step[:, None])
+  return jnp.concatenate(rows, axis=1), cache
+
+
+WIDE = {  # windows covering the whole stream (32 video + 7 text tokens)
+  "full": CacheSpec("full", capacity=48),
+  "sink_window": CacheSpec("sink_window", sink=4, window=40),
+  "block_retrieval": CacheSpec("block_retrieval", sink=4, window=40, block=4, blocks=4, top_k=2),
+  # a window of 2 frames, but every evicted block retrieved: exact through the store
+  "retrieval_all_blocks": CacheSpec("block_retrieval", sink=4, window=8, block=4, blocks=8, top_k=8),
+}
+
+
+def test_chunked_ingest_equals_one_prefill_for_every_kind():
+  """fp32: frames ingested in chunks of 2 (and 1) frames into each cache kind, then the prompt and decoded tokens,
+  give the full forward's text logits (= one prefill's) to 1e-5; a small sink + window does not."""
+  model = _model()
+  frames, tokens = _inputs()
+  full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens)
+  for name, spec in WIDE.items():
+    got, cache = _stream_logits(model, spec, frames, tokens, chunk=2 if name != "retrieval_all_blocks" else 1)
+    np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5, err_msg=name)
+  np.testing.assert_array_equal(cache.frames, [FRAMES] * B)
+  prefill_logits, _ = nnx.jit(lambda m, f, p: m.prefill(f, p))(model, frames, tokens[:, :PROMPT])
+  np.testing.assert_allclose(prefill_logits, full[:, :PROMPT], atol=1e-5, rtol=1e-5)
+  narrow, _ = _stream_logits(model, CacheSpec("sink_window", sink=4, window=8), frames, tokens, chunk=2)
+  assert float(jnp.max(jnp.abs(narrow - full))) > 1e-3
+
+
+def test_cache_shapes_do_not_grow_and_positions_continue():
+  """2 or 20 one-frame chunks: the same cache shapes and one compilation of the chunk step; frame t continues
+  across chunks and questions, text goes after the largest coordinate held."""
+  model = _model()
+  spec = CacheSpec("block_retrieval", sink=4, window=8, block=4, blocks=3, top_k=2)
+  traces = []
+
+  @nnx.jit
+  def ingest(m, f, c):
+    traces.append(1)
+    return m.extend(f, c)
+
+  frames, tokens = _inputs(1, frames=20)
+  shapes = []
+  for count in (2, 20):
+    cache = model.init_cache(B, spec, frame_shape=(16, 16))
+    for i in range(count):
+      cache = ingest(model, frames[:, i : i + 1], cache)
+    shapes.append(jax.tree.map(lambda a: a.shape, cache))
+  assert shapes[0] == shapes[1] and len(traces) == 1
+  np.testing.assert_array_equal(cache.frames, [20, 20])
+  assert sorted(set(np.asarray(cache.positions[0, 4:, 0]))) == [18, 19]  # the window: the last 2 frames
+  # a question after 20 frames: text at (20, 20, 20) on; the next frame at t = 20, the next text after the question
+  _, cache = _extend_text(model, tokens[:, :3], cache)
+  np.testing.assert_array_equal(cache.next_position()[0], [23, 23, 23])
+  cache = ingest(model, frames[:, :1], cache)
+  assert len(traces) == 1
+  last = np.asarray(cache.positions[0])[np.asarray(spec.slot(jnp.arange(int(cache.length[0]) - 4, int(cache.length[0]))))]
+  np.testing.assert_array_equal(last, [[20, 0, 0], [20, 0, 1], [20, 1, 0], [20, 1, 1]])
+  np.testing.assert_array_equal(cache.next_position()[0], [23, 23, 23])
+
+
+def test_bad_chunks_are_one_line_errors():
+  model = _model()
+  frames, _ = _inputs()
+  cache = model.init_cache(B, CacheSpec("sink_window", sink=4, window=16), frame_shape=(16, 16))
+  with pytest.raises(config_lib.ConfigError, match=r"expected frames \[B=2, F \(a positive multiple of 1\), H=16, W=16, 3\], got \[2, 2, 8, 16, 3\]"):
+    model.extend(frames[:, :2, :8], cache)
+  with pytest.raises(config_lib.ConfigError, match=r"got \[1, 2, 16, 16, 3\]"):
+    model.extend(frames[:1, :2], cache)
+  _, prefilled = model.prefill(frames, jnp.zeros((B, 2), jnp.int32))
+  with pytest.raises(config_lib.ConfigError, match="stream cache from VideoLM.init_cache"):
+    model.extend(frames[:, :1], prefilled)
+  with pytest.raises(config_lib.ConfigError, match="do not divide"):
+    model.init_cache(B, CacheSpec("full", capacity=8), frame_shape=(12, 16))
