@@ -190,3 +190,21 @@ def test_cached_decoding_equals_the_full_forward_under_token_drop():
   assert not bool(keep[:, 1:3].any())  # at least the two repeated frames are dropped
   hidden = np.asarray(cache.seq_index[:, : F * TPF] == token_drop.DROPPED_SEQ_INDEX)
   np.testing.assert_array_equal(hidden, ~np.asarray(keep).reshape(2, -1))  # exactly the dropped slots are hidden
+
+
+def test_token_drop_inside_a_zigzag_ring_equals_one_device():
+  """Segment ids follow the ring's storage order: a seq=4 zigzag ring gives the single-device logits."""
+  from vidlm import sharding
+
+  frames = _video(10)
+  frames[:, 1] = frames[:, 0]
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 8), dtype=np.int32))  # 16 + 8 = 24 tokens
+  single = _logits(_model(0.5), frames, tokens)
+  cfg = _config(0.5)
+  cfg.mesh = config_lib.MeshConfig(1, 1, 4, 1)
+  cfg.attention.context_parallel, cfg.attention.ring_layout = "ring", "zigzag"
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    ring = _logits(build_model(cfg, nnx.Rngs(0)), frames, tokens)
+  np.testing.assert_allclose(ring, single, atol=1e-5, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(_logits(_model(1.0), frames, tokens) - single))) > 1e-3  # something was dropped
