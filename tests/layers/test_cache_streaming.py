@@ -29,6 +29,14 @@ def _append(layer, cache, x, pos, seq, mask):
   return out, cache.advance()
 
 
+@nnx.jit(static_argnums=4)
+def _restricted(layer, x, pos, seen, mask):
+  """Plain attention (no cache) over the whole stream where every token sees only the tokens `seen` [N] marks
+  (segment id 1; the rest id 0): for the chunk's own tokens, exactly attention over the kept set at true positions."""
+  ids = seen.astype(jnp.int32)[None]
+  return layer(x, pos, mask=mask, segment_ids=(ids, ids))
+
+
 @pytest.mark.parametrize("kind", ["sink_window", "block_retrieval"])
 def test_window_slides_with_true_positions(kind):
   """A video-like stream (frames of 2 tokens, true (t, 0, w) positions) appended 2 frames at a time to an evicting
@@ -50,16 +58,17 @@ def test_window_slides_with_true_positions(kind):
   mask = MaskSpec.frame_causal(TPF)
   for s in range(0, n, chunk):
     out, cache = _append(layer, cache, x[:, s : s + chunk], pos[:, s : s + chunk], seq[:, s : s + chunk], mask)
-    ctx = j[:s] if kind == "block_retrieval" else j[:s][(j[:s] < sink) | (j[:s] >= max(sink, s - window))]
-    keep = np.concatenate([ctx, j[s : s + chunk]])
-    ref = layer(x[:, keep], pos[:, keep], mask=mask)[:, -chunk:]  # ctx holds whole frames: frames stay aligned
+    seen = j < s + chunk  # the chunk itself and, frame-causally, everything before it ...
+    if kind == "sink_window":  # ... minus what left the window before the chunk arrived
+      seen &= (j < sink) | (j >= max(sink, s - window))
+    ref = _restricted(layer, x, pos, jnp.asarray(seen), mask)[:, s : s + chunk]
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f"chunk at {s}")
   assert int(cache.length[0]) == n and cache.k.shape == (1, sink + window, 2, 8)
   # the ring holds the last `window` tokens at their true positions, the sinks the first ones
   held = np.asarray(cache.positions[0, :, 0]) * TPF + np.asarray(cache.positions[0, :, 2])
   assert sorted(held) == [0, 1, *range(n - window, n)]
   if kind == "sink_window":  # and the window really bites: plain full attention differs for the last chunk
-    full = layer(x, pos, mask=mask)[:, -chunk:]
+    full = _restricted(layer, x, pos, jnp.ones(n, bool), mask)[:, -chunk:]
     assert float(jnp.max(jnp.abs(full - out))) > 1e-3
 
 
@@ -80,13 +89,15 @@ def test_retrieval_picks_the_block_holding_a_planted_key():
         k[0, t - start] = 5.0 * u
     return jnp.asarray(k)
 
-  def add(cache, start, n, q=None):
-    t = jnp.arange(start, start + n)[None]
+  @jax.jit
+  def step(cache, t, q, k):  # one append at the cache level: t [1, n] stream indices
     cache = cache.record(jnp.repeat(t[..., None], 3, -1), t)
-    q = jnp.zeros((1, n, 4, 8)) if q is None else q
     k_ctx, _, vis, cache = cache.context(q)
-    k = keys(start, n)
     return cache.append(k, k).advance(), (k_ctx, vis)
+
+  def add(cache, start, n, q=None):
+    q = jnp.zeros((1, n, 4, 8)) if q is None else q
+    return step(cache, jnp.arange(start, start + n)[None], q, keys(start, n))
 
   for s in range(0, 28, 4):
     cache, _ = add(cache, s, 4)
@@ -121,7 +132,8 @@ def test_append_longer_than_the_window_is_an_error():
 B, FRAMES, PROMPT, TEXT = 2, 8, 4, 7  # 8 frames of 2 x 2 tokens = 32 video tokens
 
 
-def _model():
+@pytest.fixture(scope="module")
+def model():
   cfg = config_lib.Config(name="stream_test")
   m = cfg.model
   m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 4, 2, 8, 64
@@ -164,26 +176,20 @@ WIDE = {  # windows covering the whole stream (32 video + 7 text tokens)
 }
 
 
-def test_chunked_ingest_equals_one_prefill_for_every_kind():
+def test_chunked_ingest_equals_one_prefill_for_every_kind(model):
   """fp32: frames ingested in chunks of 2 (and 1) frames into each cache kind, then the prompt and decoded tokens,
-  give the full forward's text logits (= one prefill's) to 1e-5; a small sink + window does not."""
-  model = _model()
+  give the full forward's text logits to 1e-5 (the one prefill's logits: test_generate.py)."""
   frames, tokens = _inputs()
   full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens)
   for name, spec in WIDE.items():
     got, cache = _stream_logits(model, spec, frames, tokens, chunk=2 if name != "retrieval_all_blocks" else 1)
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5, err_msg=name)
   np.testing.assert_array_equal(cache.frames, [FRAMES] * B)
-  prefill_logits, _ = nnx.jit(lambda m, f, p: m.prefill(f, p))(model, frames, tokens[:, :PROMPT])
-  np.testing.assert_allclose(prefill_logits, full[:, :PROMPT], atol=1e-5, rtol=1e-5)
-  narrow, _ = _stream_logits(model, CacheSpec("sink_window", sink=4, window=8), frames, tokens, chunk=2)
-  assert float(jnp.max(jnp.abs(narrow - full))) > 1e-3
 
 
-def test_cache_shapes_do_not_grow_and_positions_continue():
+def test_cache_shapes_do_not_grow_and_positions_continue(model):
   """2 or 20 one-frame chunks: the same cache shapes and one compilation of the chunk step; frame t continues
   across chunks and questions, text goes after the largest coordinate held."""
-  model = _model()
   spec = CacheSpec("block_retrieval", sink=4, window=8, block=4, blocks=3, top_k=2)
   traces = []
 
@@ -212,16 +218,36 @@ def test_cache_shapes_do_not_grow_and_positions_continue():
   np.testing.assert_array_equal(cache.next_position()[0], [23, 23, 23])
 
 
-def test_bad_chunks_are_one_line_errors():
-  model = _model()
+def test_bad_chunks_are_one_line_errors(model):
   frames, _ = _inputs()
   cache = model.init_cache(B, CacheSpec("sink_window", sink=4, window=16), frame_shape=(16, 16))
   with pytest.raises(config_lib.ConfigError, match=r"expected frames \[B=2, F \(a positive multiple of 1\), H=16, W=16, 3\], got \[2, 2, 8, 16, 3\]"):
     model.extend(frames[:, :2, :8], cache)
   with pytest.raises(config_lib.ConfigError, match=r"got \[1, 2, 16, 16, 3\]"):
     model.extend(frames[:1, :2], cache)
-  _, prefilled = model.prefill(frames, jnp.zeros((B, 2), jnp.int32))
+  prefilled = KVCache.init(B, 40, 2, 8, num_layers=2, mask=MaskSpec.frame_causal(4, video_tokens=32))  # a prefill's
   with pytest.raises(config_lib.ConfigError, match="stream cache from VideoLM.init_cache"):
     model.extend(frames[:, :1], prefilled)
   with pytest.raises(config_lib.ConfigError, match="do not divide"):
     model.init_cache(B, CacheSpec("full", capacity=8), frame_shape=(12, 16))
+
+
+def test_generate_cached_answers_like_generate(model):
+  """A question about a stream (ingested in 4 chunks into a sink_window cache covering it) answered greedily by
+  generate_cached gives generate()'s tokens and logits (one prefill of the same frames); the input cache is kept,
+  and a full cache without room for the answer is refused in one line."""
+  from vidlm.infer import generate, generate_cached
+
+  frames, tokens = _inputs(2)
+  want = generate(model, frames, tokens[:, :PROMPT], 3, eos_id=-1, return_logits=True)
+  cache = model.init_cache(B, CacheSpec("sink_window", sink=4, window=44), frame_shape=(16, 16))
+  for s in range(0, FRAMES, 2):
+    cache = _extend(model, frames[:, s : s + 2], cache)
+  got, after = generate_cached(model, cache, tokens[:, :PROMPT], 3, eos_id=-1, return_logits=True)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logits, want.logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(cache.length, [32] * B)  # unchanged: the stream may go on without the question
+  np.testing.assert_array_equal(after.length, [32 + PROMPT + 2] * B)  # question + answer tokens fed back
+  small = model.init_cache(B, CacheSpec("full", capacity=36), frame_shape=(16, 16))
+  with pytest.raises(ValueError, match="the full cache holds 36 tokens; this question needs 39"):
+    generate_cached(model, _extend(model, frames[:, :8], small), tokens[:, :PROMPT], 3)

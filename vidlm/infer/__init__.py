@@ -1,5 +1,5 @@
 """Inference: greedy generation with a KV cache (`generate`); a StreamingSession comes later (DESIGN section 7)."""
 
-from vidlm.infer.generate import Generation, generate
+from vidlm.infer.generate import Generation, generate, generate_cached
 
-__all__ = ["Generation", "generate"]
+__all__ = ["Generation", "generate", "generate_cached"]
