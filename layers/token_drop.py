@@ -47,11 +47,15 @@ def frame_similarity(features: jax.Array) -> jax.Array:
   return jnp.clip(dot / jnp.maximum(norms, _EPS), -1.0, 1.0)
 
 
-def keep_mask(features: jax.Array, tau: float | jax.Array) -> jax.Array:
-  """features [B, F, N, C] -> bool [B, F, N]: True where the token is kept (frame 0, or similarity <= tau).
+def keep_mask(features: jax.Array, tau: float | jax.Array, previous: jax.Array | None = None) -> jax.Array:
+  """features [B, F, N, C] -> bool [B, F, N]: True where the token is kept (similarity to the previous frame <= tau).
 
+  previous: [B, N, C], the last frame of the previous chunk of a stream (None: this is the stream's start, and its
+  frame 0 keeps every token), so a stream cut into chunks drops exactly what the whole video would.
   tau = 1 keeps everything (a clipped cosine never exceeds 1), which is how a model turns DTD off."""
   b, _, n, _ = features.shape
+  if previous is not None:
+    return frame_similarity(jnp.concatenate([previous[:, None].astype(features.dtype), features], axis=1)) <= tau
   drop = frame_similarity(features) > tau  # [B, F-1, N]
   return jnp.concatenate([jnp.ones((b, 1, n), bool), ~drop], axis=1)
 

@@ -55,6 +55,17 @@ def test_partial_change_keeps_only_the_changed_tokens_and_compares_with_the_prev
   np.testing.assert_array_equal(keep, expect)
 
 
+def test_a_stream_in_chunks_drops_what_the_whole_video_drops():
+  frames = np.repeat(_video(11, 1)[:, :1], F, axis=1)
+  frames[:, 2, :8] = 255 - frames[:, 2, :8]  # frame 2 changes in its top half
+  feats = _pixels(frames)
+  whole = token_drop.keep_mask(feats, 0.5)
+  first = token_drop.keep_mask(feats[:, :2], 0.5)
+  second = token_drop.keep_mask(feats[:, 2:], 0.5, previous=feats[:, 1])  # compared with the last frame before it
+  np.testing.assert_array_equal(jnp.concatenate([first, second], axis=1), whole)
+  assert bool(second[:, 0, :2].all()) and not bool(second[:, 0, 2:].any())
+
+
 def test_compact_keeps_order_positions_and_index_and_counts_overflow():
   b, nv = 2, 8
   tokens = jnp.arange(b * nv * 3, dtype=jnp.float32).reshape(b, nv, 3)
