@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from layers.cache.spec import CacheSpec
+from layers.partitioning import logical_to_spec
 
 HIDDEN = 2**30  # a seq_index past every query: the slot is stored but never attended (e.g. a dropped token)
 LAYER_FIELDS = ("k", "v", "store_k", "store_v", "rep", "picked")
@@ -130,6 +131,24 @@ class KVCache:
   @property
   def max_len(self) -> int:
     return self.positions.shape[1]
+
+  def sharded(self) -> KVCache:
+    """The cache with its sharding pinned like the activations on the ambient mesh (no-op without one): rows over
+    "batch" (data x fsdp), kv heads over "tensor" (like the attention's k/v), slots and layers unsplit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+      return self
+    names = dict(k=("layers", "batch", None, "kv_heads", "head_dim"), picked=("layers", "batch", "kv_heads", None))
+    names.update(v=names["k"], store_k=names["k"], store_v=names["k"], rep=names["k"])
+    pinned = {}
+    for f in dataclasses.fields(self):
+      x = getattr(self, f.name)
+      if isinstance(x, jax.Array):
+        spec = names.get(f.name, ("batch",) + (None,) * (x.ndim - 1))
+        if x.ndim == len(spec) - 1:  # a per-layer array of one layer
+          spec = spec[1:]
+        pinned[f.name] = jax.lax.with_sharding_constraint(x, logical_to_spec(spec))
+    return dataclasses.replace(self, **pinned)
 
   def layer_arrays(self) -> tuple[jax.Array, ...]:
     """The per-layer arrays (`LAYER_FIELDS`), stacked [L, ...]: what a layer scan takes as xs."""

@@ -17,9 +17,9 @@ from vidlm.models.registry import build_model
 TPF = 2  # tokens per frame of the layer-level streams
 
 
-def _layer():
+def _layer(kv_heads=2):
   with nnx.use_eager_sharding(False):
-    return Attention(16, 4, 2, 8, kernel="xla", rngs=nnx.Rngs(0))
+    return Attention(16, 4, kv_heads, 8, kernel="xla", rngs=nnx.Rngs(0))
 
 
 @nnx.jit(static_argnums=5)
@@ -37,14 +37,15 @@ def _restricted(layer, x, pos, seen, mask):
   return layer(x, pos, mask=mask, segment_ids=(ids, ids))
 
 
-@pytest.mark.parametrize("kind", ["sink_window", "block_retrieval"])
+@pytest.mark.parametrize("kind", ["sink_window", "block_retrieval", "block_retrieval_top2"])
 def test_window_slides_with_true_positions(kind):
   """A video-like stream (frames of 2 tokens, true (t, 0, w) positions) appended 2 frames at a time to an evicting
   cache that wraps its ring 4 times: every chunk's output equals plain attention over exactly what the chunk may
-  see (sinks + the window before it + itself frame-causally, or for block_retrieval with top_k = all blocks, every
-  earlier token), each token at its TRUE position. So a slot's key does not depend on its ring slot or on how many
-  tokens were evicted before it."""
-  layer = _layer()
+  see (sinks + the window before it + itself frame-causally; block_retrieval with top_k = all blocks: every earlier
+  token; with top_k = 2 of 12 (one kv head): plus the valid tokens of the 2 blocks it reports in `picked`), each
+  token at its TRUE position. So a slot's key does not depend on its ring slot or on how many tokens were evicted
+  before it, and a retrieved block is attended exactly."""
+  layer = _layer(1 if kind == "block_retrieval_top2" else 2)
   n, chunk, sink, window = 48, 4, 2, 8
   x = jax.random.normal(jax.random.key(1), (1, n, 16))
   j = np.arange(n)
@@ -53,17 +54,26 @@ def test_window_slides_with_true_positions(kind):
   if kind == "sink_window":
     spec = CacheSpec(kind, sink=sink, window=window)
   else:
-    spec = CacheSpec(kind, sink=sink, window=window, block=4, blocks=12, top_k=12)
-  cache = KVCache.create(spec, 1, 2, 8, mask=MaskSpec.causal())
+    spec = CacheSpec("block_retrieval", sink=sink, window=window, block=4, blocks=12, top_k=2 if "top2" in kind else 12)
+  cache = KVCache.create(spec, 1, layer.num_kv_heads, 8, mask=MaskSpec.causal())
+  retrieved = 0
   mask = MaskSpec.frame_causal(TPF)
   for s in range(0, n, chunk):
     out, cache = _append(layer, cache, x[:, s : s + chunk], pos[:, s : s + chunk], seq[:, s : s + chunk], mask)
     seen = j < s + chunk  # the chunk itself and, frame-causally, everything before it ...
-    if kind == "sink_window":  # ... minus what left the window before the chunk arrived
+    if kind != "block_retrieval":  # ... minus what left the window before the chunk arrived ...
       seen &= (j < sink) | (j >= max(sink, s - window))
+    if kind == "block_retrieval_top2":  # ... plus the picked blocks' tokens held before the chunk
+      token, valid = spec.store_tokens(jnp.asarray([s]))
+      slots = (np.asarray(cache.picked[0, 0])[:, None] * spec.block + np.arange(spec.block)).ravel()
+      back = np.asarray(token[0])[slots][np.asarray(valid[0])[slots]]
+      seen[back] = True
+      retrieved += len(back)
     ref = _restricted(layer, x, pos, jnp.asarray(seen), mask)[:, s : s + chunk]
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f"chunk at {s}")
-  assert int(cache.length[0]) == n and cache.k.shape == (1, sink + window, 2, 8)
+  assert int(cache.length[0]) == n and cache.k.shape == (1, sink + window, layer.num_kv_heads, 8)
+  if kind == "block_retrieval_top2":
+    assert retrieved >= 8 * 6  # two full blocks per chunk once the store holds them
   # the ring holds the last `window` tokens at their true positions, the sinks the first ones
   held = np.asarray(cache.positions[0, :, 0]) * TPF + np.asarray(cache.positions[0, :, 2])
   assert sorted(held) == [0, 1, *range(n - window, n)]
@@ -132,15 +142,20 @@ def test_append_longer_than_the_window_is_an_error():
 B, FRAMES, PROMPT, TEXT = 2, 8, 4, 7  # 8 frames of 2 x 2 tokens = 32 video tokens
 
 
-@pytest.fixture(scope="module")
-def model():
+def _config(mesh=(1, 1, 1, 1)):
   cfg = config_lib.Config(name="stream_test")
+  cfg.mesh = config_lib.MeshConfig(*mesh)
   m = cfg.model
   m.embed_dim, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim = 32, 2, 4, 2, 8, 64
   m.tubelet = (1, 8, 8)
   cfg.data.frames, cfg.data.height, cfg.data.width, cfg.data.text_len = FRAMES, 16, 16, TEXT
   cfg.attention.kernel = "xla"
-  return build_model(cfg, nnx.Rngs(0))
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+  return build_model(_config(), nnx.Rngs(0))
 
 
 def _inputs(seed=0, frames=FRAMES):
@@ -251,3 +266,25 @@ def test_generate_cached_answers_like_generate(model):
   small = model.init_cache(B, CacheSpec("full", capacity=36), frame_shape=(16, 16))
   with pytest.raises(ValueError, match="the full cache holds 36 tokens; this question needs 39"):
     generate_cached(model, _extend(model, frames[:, :8], small), tokens[:, :PROMPT], 3)
+
+
+def test_stream_on_a_data_x_tensor_mesh():
+  """Rows split over data, kv heads over tensor (2 x 2 mesh): the cache stays sharded like the activations through
+  chunked ingest into block_retrieval, and the question's logits equal the model's full forward."""
+  from vidlm import sharding
+
+  cfg = _config(mesh=(2, 1, 1, 2))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+  frames, tokens = _inputs(3)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.RULES):
+    model = build_model(cfg, nnx.Rngs(0))
+    frames = jax.device_put(frames, sharding.batch_sharding(mesh, frames.ndim))
+    full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens[:, :PROMPT])
+    cache = model.init_cache(B, WIDE["retrieval_all_blocks"], frame_shape=(16, 16))
+    for s in range(0, FRAMES, 2):
+      cache = _extend(model, frames[:, s : s + 2], cache)
+    logits, cache = _extend_text(model, tokens[:, :PROMPT], cache)
+  np.testing.assert_allclose(logits, full, atol=1e-5, rtol=1e-5)
+  for a in (cache.k, cache.store_k, cache.rep):  # [L, B, ., Hkv, D]: 2 row halves x 2 kv heads
+    assert {sh.data.shape for sh in a.addressable_shards} == {(a.shape[0], B // 2, a.shape[2], 1, a.shape[4])}
+    assert len({sh.index for sh in a.addressable_shards}) == 4

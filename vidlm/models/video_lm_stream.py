@@ -50,7 +50,7 @@ class StreamingMixin:
     return KVCache.create(
       spec, batch, self.num_kv_heads, self.head_dim, num_layers=self.num_layers, dtype=self.dtype,
       mask=MaskSpec.causal(), frame_shape=(h, w),
-    )
+    ).sharded()
 
   def _check_chunk(self, frames: jax.Array, cache: KVCache) -> None:
     if cache.frame_shape is None or cache.mask != MaskSpec.causal():
@@ -77,7 +77,7 @@ class StreamingMixin:
     grid = np.stack([t, hh, ww], -1).reshape(-1, 3).astype(np.int32)  # [N, 3] chunk-local (t, h, w)
     positions = jnp.asarray(grid)[None] + jnp.stack([cache.frames, cache.frames * 0, cache.frames * 0], -1)[:, None]
     seq = cache.next_index[:, None] + jnp.asarray(grid[:, 0])[None]  # one group index per frame
-    cache = cache.record(positions, seq)
+    cache = cache.record(positions, seq).sharded()
     x = constrain(self.video_embed(frames), ("batch", None, "embed"))
     x, cache = self._cached_layers(x, positions, MaskSpec.frame_causal(tpf), cache)
     cache = cache.advance()
@@ -94,7 +94,7 @@ class StreamingMixin:
       raise ConfigError(f"text chunk: expected tokens [B={cache.batch}, L], got {list(tokens.shape)}")
     positions = rope_lib.text_positions(cache.top + 1, n)  # [B, L, 3]
     seq = cache.next_index[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-    cache = cache.record(positions, seq, lengths)
+    cache = cache.record(positions, seq, lengths).sharded()
     x = constrain(self.text_embed(tokens), ("batch", None, "embed"))
     x, cache = self._cached_layers(x, positions, MaskSpec.causal(), cache)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32), cache.advance()
