@@ -60,3 +60,17 @@ def test_ring_1m_config_is_about_1b_params_at_1m_tokens():
   params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
   assert 0.9e9 < params < 1.3e9, params
   C.validate(C.load_config("experiments/ring_1m.py:smoke"), num_devices=8)
+
+
+def test_ring_1m_variants_validate_and_bad_combinations_are_one_line():
+  """Issue 14's variants: sparse (moba / static at ~12.5 %), train (run 4), combinable with smoke and seq=N."""
+  for variant, n in [("moba", 4), ("static", 4), ("train", 4), ("moba,train,seq=8", 8), ("moba,smoke", 8),
+                     ("static,smoke", 8), ("train,smoke", 8)]:
+    cfg = C.load_config(f"experiments/ring_1m.py:{variant}")
+    C.validate(cfg, num_devices=n)
+    assert cfg.attention.sparsity.method == next((m for m in ("moba", "static") if m in variant), "none")
+  train = C.load_config("experiments/ring_1m.py:train")
+  assert train.data.num_train == 8 and train.checkpoint.every == 2 and train.train.steps > train.checkpoint.every
+  for bad in ("moba,static", "sparse", "seq=0"):
+    with pytest.raises(C.ConfigError, match="unknown variant"):
+      C.load_config(f"experiments/ring_1m.py:{bad}")

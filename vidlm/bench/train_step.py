@@ -3,15 +3,27 @@
 Reports compile time, the compiler's memory estimate, step time, tokens/s, model FLOPs utilisation and peak
 device memory; with `--forward-lengths` also the longest context (in frames) whose forward pass fits, either
 run (`--forward-mode run`) or, when running it would take too long, from the compiled program's memory
-estimate (`--forward-mode compile`). The anchor is the device's dense bf16 peak (`--peak-tflops`, default 989
+estimate (`--forward-mode compile`); `--forward-fn prefill` tries the generation prefill instead (the same forward
+plus a fresh KV cache of every layer; with a block-sparse config, a sparse-ring prefill). The anchor is the device's dense bf16 peak (`--peak-tflops`, default 989
 for H100/H200 SXM) and, measured in the same run, a bf16 matmul. Imports nothing from the data stack (random
 frames and tokens), so it runs on accelerator images without grain/tfds.
 
 The step is compiled ahead of time (`jit(...).lower(...).compile()`) and the timed steps call that executable,
 so no timed step can hide a recompilation; the first timed step is reported separately from the rest.
 
-MFU counts model FLOPs only (no remat recompute): 6 * params * tokens for the dense layers plus attention
-3.5 * 2 * S^2 * (heads * head_dim) per layer, halved-by-causality already included (frame-causal ~ causal).
+MFU counts model FLOPs only (no remat recompute), in two ways (both in the JSON and the last printed line):
+  dense-equivalent MFU (`mfu`, `mfu_dense_equivalent`): 6 * params * tokens for the dense layers plus attention
+      3.5 * 2 * S^2 * (heads * head_dim) per layer, halved-by-causality already included (frame-causal ~ causal):
+      what a dense model of this shape computes, whatever attention.sparsity says (so a block-sparse step can
+      exceed 100 %).
+  computed-FLOPs MFU (`mfu_computed_flops`): the same 6 * params * tokens plus, per layer, the attention tiles
+      the step actually computes: under attention.sparsity the selector's listed (q block, kv block) tiles, each
+      3.5 * 4 * block_q * block_kv * head_dim per q head (a partially masked tile counts whole: the kernel computes
+      it whole); layers kept dense (sparsity.dense_layers) count the mask's visible tiles at the same blocks;
+      method=none counts the dense-equivalent attention. The tile counts are exact for static (the selector's own
+      lists) and moba (top_k + own blocks per q block, capped by what the mask leaves visible); xattention and
+      vmoba pick data-dependent counts, so their computed-FLOPs MFU is null. The selector's own scoring is not
+      counted (moba: a block-level [nQ, nK] gate per kv head, < 0.1 % of the attention at 1M tokens).
 
   PYTHONPATH=. python3 -m vidlm.bench.train_step --config experiments/ring_1m.py --steps 2 \\
       --config.model.num_layers=2 --out step.json
@@ -39,6 +51,70 @@ def _model_flops(cfg, params: int) -> float:
   dense = 6.0 * params * tokens
   attention = 3.5 * 2.0 * s * s * m.num_heads * m.head_dim * m.num_layers * cfg.train.batch_size
   return dense + attention
+
+
+def attention_tiles(cfg) -> dict:
+  """Tiles the model's attention computes per training example, summed over q heads, at the sparsity blocks.
+
+  -> {"block_q", "block_kv", "visible": the frame-causal mask's non-EMPTY tiles of one layer,
+      "listed": per layer the tiles computed (None for data-dependent selectors), "density": listed / visible}.
+  Host numpy only (O(q blocks) memory, or the static selector's own [nQ, width] lists): no [T, S] array.
+  """
+  import math  # noqa: PLC0415
+
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+
+  from layers.sparse import make_selector  # noqa: PLC0415
+  from pallas_kernels.layout import MaskSpec  # noqa: PLC0415
+  from vidlm import config as C  # noqa: PLC0415
+
+  sp, m = cfg.attention.sparsity, cfg.model
+  if sp.method == "none":  # no layout: the dense-equivalent count is what runs (no tiles to list)
+    return {"block_q": None, "block_kv": None, "visible": None, "listed": None, "density": 1.0}
+  grid = C.video_grid(cfg)
+  nv = math.prod(grid)
+  s = nv + cfg.data.text_len
+  mask = MaskSpec.frame_causal(grid[1] * grid[2], video_tokens=nv)
+  bq, bk = sp.block_q, sp.block_kv
+  if s % bq or s % bk:
+    raise ValueError(f"attention_tiles: {s} tokens are not a multiple of attention.sparsity.block_q/block_kv={bq}/{bk}")
+  nq, nk = s // bq, s // bk
+  frame = lambda p: np.asarray(mask.frame_of(p), np.int64)  # noqa: E731  (monotone in the position)
+  # tile (i, j) is visible iff frame(first kv of j) <= frame(last q of i): each q block sees a prefix of kv blocks
+  vis_row = np.searchsorted(frame(np.arange(nk) * bk), frame(np.arange(1, nq + 1) * bq - 1), side="right")
+  heads = m.num_heads
+  visible = int(vis_row.sum()) * heads
+  if sp.method == "moba":  # top_k best-gated visible blocks besides its own, plus its own visible blocks
+    first = np.arange(nq) * bq // bk
+    last = ((np.arange(nq) + 1) * bq - 1) // bk
+    own = np.maximum(0, np.minimum(last, vis_row - 1) - first + 1)
+    listed_sparse = int((np.minimum(sp.top_k, vis_row - own) + own).sum()) * heads
+  elif sp.method == "static":  # the selector's own lists (they depend on shapes and the mask only)
+    sel = make_selector(sp, num_layers=m.num_layers, video_grid=grid)
+    shape = jax.ShapeDtypeStruct((1, s, heads, m.head_dim), np.float32)
+    with jax.default_device(jax.devices("cpu")[0]):
+      _, cnt = sel.lists(shape, shape, mask, 0)
+    listed_sparse = int(np.asarray(cnt).sum()) * heads  # layout head axis 1: every q head computes the list
+  else:  # xattention, vmoba: thresholds on learned scores pick the count
+    listed_sparse = None
+  dense = sp.dense_layer_set(m.num_layers)
+  listed = [visible if i in dense else listed_sparse for i in range(m.num_layers)]
+  density = None if listed_sparse is None else round(sum(listed) / (visible * m.num_layers), 4)
+  return {"block_q": bq, "block_kv": bk, "visible": visible, "listed": listed, "density": density}
+
+
+def _computed_flops(cfg, params: int, tiles: dict) -> float | None:
+  """Model FLOPs of one step counting the attention tiles actually computed (see the module docstring)."""
+  from vidlm import config as C  # noqa: PLC0415
+
+  if cfg.attention.sparsity.method == "none":
+    return _model_flops(cfg, params)
+  if any(x is None for x in tiles["listed"]):
+    return None
+  b, m = cfg.train.batch_size, cfg.model
+  per_tile = 3.5 * 4.0 * tiles["block_q"] * tiles["block_kv"] * m.head_dim
+  return 6.0 * params * b * C.sequence_length(cfg) + per_tile * sum(tiles["listed"]) * b
 
 
 def _peak_memory_gib() -> list[float]:
@@ -110,11 +186,14 @@ def _forward_trials(args, cfg, trainer, t_start: float) -> list[dict]:
       trials.append({"frames": frames, "result": "not tried (time budget)"})
       break
     cfg.data.frames = frames
-    trial = {"frames": frames, "tokens": C.sequence_length(cfg), "mode": args.forward_mode}
+    trial = {"frames": frames, "tokens": C.sequence_length(cfg), "mode": args.forward_mode, "fn": args.forward_fn}
     run = args.forward_mode == "run"  # compile mode lowers against the frames' shape only: no host data
     try:
       with trainer.activate():
-        fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0](f, t))
+        if args.forward_fn == "prefill":  # the forward plus a fresh KV cache of every layer (what generation keeps)
+          fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0].prefill(f, t, max_new_tokens=0))
+        else:
+          fwd = jax.jit(lambda state, f, t: nnx.merge(trainer.graphdef, state)[0](f, t))
         if run:
           b = global_batch(trainer.mesh, random_batch(cfg.data, cfg.train.batch_size, seed=frames))
         else:  # shapes only: a long video's frames need not exist on the host to compile its forward
@@ -173,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     type=float,
     default=300.0,
     help="seconds from start after which no further timed step or forward trial is started",
+  )
+  p.add_argument(
+    "--forward-fn",
+    choices=("forward", "prefill"),
+    default="forward",
+    help="forward trials run the model's forward (text logits) or its prefill (the forward that also fills a KV cache)",
   )
   p.add_argument("--forward-only", action="store_true", help="skip the training step: forward trials only")
   p.add_argument("--out", default=None)
@@ -265,6 +350,9 @@ def _time_step(args, cfg, trainer, result: dict, t_start: float):
   timed = times[1:] or times  # with no time for a second step, the warm-up step is all there is
   step = statistics.median(timed)
   flops = _model_flops(cfg, result["params"])
+  tiles = attention_tiles(cfg)
+  computed = _computed_flops(cfg, result["params"], tiles)
+  per_device = lambda f: f / step / jax.device_count()  # noqa: E731
   result.update(
     warmup_step_s=round(times[0], 3),
     step_s=round(step, 3),
@@ -274,9 +362,26 @@ def _time_step(args, cfg, trainer, result: dict, t_start: float):
     model_tflops_per_step=round(flops / 1e12, 1),
     tflops_per_device=round(flops / step / jax.device_count() / 1e12, 1),
     mfu=round(flops / step / jax.device_count() / (args.peak_tflops * 1e12), 4),
+    mfu_dense_equivalent=round(per_device(flops) / (args.peak_tflops * 1e12), 4),
+    sparsity=cfg.attention.sparsity.method,
+    attention_tiles={k: v for k, v in tiles.items() if k != "listed"} | {"listed_per_layer": tiles["listed"]},
+    model_flops_per_step=flops,
+    computed_flops_per_step=computed,
+    computed_tflops_per_step=None if computed is None else round(computed / 1e12, 1),
+    computed_tflops_per_device=None if computed is None else round(per_device(computed) / 1e12, 1),
+    mfu_computed_flops=None if computed is None else round(per_device(computed) / (args.peak_tflops * 1e12), 4),
     peak_memory_gib_per_device=_peak_memory_gib(),
   )
   _emit(result)
+  mfu_c = "n/a (data-dependent selector)" if computed is None else f"{100 * result['mfu_computed_flops']:.1f} %"
+  peak = result["peak_memory_gib_per_device"]
+  print(
+    f"summary: sparsity={result['sparsity']} density={tiles['density']} step {result['step_s']} s, "
+    f"computed-FLOPs MFU {mfu_c}, dense-equivalent MFU {100 * result['mfu_dense_equivalent']:.1f} %, "
+    f"peak memory per device {max(peak) if peak else 'n/a'} GiB (compiler estimate "
+    f"{result['compile'].get('estimated_peak_gib', 'n/a')} GiB)",
+    flush=True,
+  )
   return trainer
 
 
