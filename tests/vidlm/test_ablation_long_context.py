@@ -11,12 +11,15 @@ from vidlm import sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = str(ROOT / "experiments" / "ablations" / "long_context.py")
-NAMES = ["dense", "dense_random", "dense_shift", "dense_interp", "mb_fixed", "mb_scene"]
+NAMES = ["dense", "dense_random", "dense_shift", "dense_interp", "dense_long", "dense_random_long", "mb_fixed",
+         "mb_scene"]
 POSITIONS = {  # variant -> (train_positions, eval_positions)
   "dense": ("contiguous", "contiguous"),
   "dense_random": ("random", "contiguous"),
   "dense_shift": ("shift", "contiguous"),
   "dense_interp": ("contiguous", "interpolate"),
+  "dense_long": ("contiguous", "contiguous"),
+  "dense_random_long": ("random", "contiguous"),
 }
 
 
@@ -39,6 +42,7 @@ def test_every_variant_validates(arg):
         # every evaluated frame position was a training position
         assert cfg.model.max_train_position >= cfg.data.frames * max(e.length_multipliers)
       assert cfg.data.tiers == ("a",)
+      assert cfg.train.steps == (long_context.LONG if name.endswith("_long") else 1) * (4 if arg else 120)
     else:
       assert cfg.model.name == "memory_bridge"
       assert cfg.model.segment_mode == ("fixed" if name == "mb_fixed" else "scene")
