@@ -139,7 +139,7 @@ def test_append_longer_than_the_window_is_an_error():
 
 # ---- VideoLM: chunked ingest --------------------------------------------------------------------------------------
 
-B, FRAMES, PROMPT, TEXT = 2, 8, 4, 7  # 8 frames of 2 x 2 tokens = 32 video tokens
+B, FRAMES, PROMPT, TEXT = 2, 8, 4, 8  # 8 frames of 2 x 2 tokens = 32 video tokens
 
 
 def _config(mesh=(1, 1, 1, 1)):
@@ -166,23 +166,22 @@ def _inputs(seed=0, frames=FRAMES):
 
 _extend = nnx.jit(lambda m, f, c: m.extend(f, c))
 _extend_text = nnx.jit(lambda m, t, c: m.extend_text(t, c))
-_decode = nnx.jit(lambda m, t, c: m.decode_step(t, c))
 
 
 def _stream_logits(model, spec, frames, tokens, chunk):
-  """Text logits [B, TEXT, V]: frames ingested `chunk` frames at a time, the prompt appended, the rest decoded."""
+  """Text logits [B, TEXT, V]: frames ingested `chunk` frames at a time, then the text in two appends of PROMPT
+  tokens (one compiled shape; a decode step is the same append with one token: test_generate_cached_...)."""
   cache = model.init_cache(B, spec, frame_shape=(16, 16))
   for s in range(0, frames.shape[1], chunk):
     cache = _extend(model, frames[:, s : s + chunk], cache)
-  logits, cache = _extend_text(model, tokens[:, :PROMPT], cache)
-  rows = [logits]
-  for i in range(PROMPT, TEXT):
-    step, cache = _decode(model, tokens[:, i], cache)
-    rows.append(step[:, None])
+  rows = []
+  for s in range(0, TEXT, PROMPT):
+    logits, cache = _extend_text(model, tokens[:, s : s + PROMPT], cache)
+    rows.append(logits)
   return jnp.concatenate(rows, axis=1), cache
 
 
-WIDE = {  # windows covering the whole stream (32 video + 7 text tokens)
+WIDE = {  # windows covering the whole stream (32 video + 8 text tokens)
   "full": CacheSpec("full", capacity=48),
   "sink_window": CacheSpec("sink_window", sink=4, window=40),
   "block_retrieval": CacheSpec("block_retrieval", sink=4, window=40, block=4, blocks=4, top_k=2),
@@ -192,8 +191,8 @@ WIDE = {  # windows covering the whole stream (32 video + 7 text tokens)
 
 
 def test_chunked_ingest_equals_one_prefill_for_every_kind(model):
-  """fp32: frames ingested in chunks of 2 (and 1) frames into each cache kind, then the prompt and decoded tokens,
-  give the full forward's text logits to 1e-5 (the one prefill's logits: test_generate.py)."""
+  """fp32: frames ingested in chunks of 2 (and 1) frames into each cache kind, then the text in two appends, give
+  the full forward's text logits to 1e-5 (the one prefill's logits: test_generate.py)."""
   frames, tokens = _inputs()
   full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens)
   for name, spec in WIDE.items():
@@ -243,6 +242,8 @@ def test_bad_chunks_are_one_line_errors(model):
   prefilled = KVCache.init(B, 40, 2, 8, num_layers=2, mask=MaskSpec.frame_causal(4, video_tokens=32))  # a prefill's
   with pytest.raises(config_lib.ConfigError, match="stream cache from VideoLM.init_cache"):
     model.extend(frames[:, :1], prefilled)
+  with pytest.raises(config_lib.ConfigError, match=r"frame chunk of 20 tokens does not fit the sink_window cache's window of 16 tokens \(cache.window\)"):
+    model.extend(frames[:, :5], cache)
   with pytest.raises(config_lib.ConfigError, match="do not divide"):
     model.init_cache(B, CacheSpec("full", capacity=8), frame_shape=(12, 16))
 

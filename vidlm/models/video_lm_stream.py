@@ -64,8 +64,14 @@ class StreamingMixin:
         f"stream chunk: expected frames [B={cache.batch}, F (a positive multiple of {tt}), H={h}, W={w}, 3], "
         f"got {list(shape)}"
       )
+    _check_fits(cache, (shape[1] // tt) * (h // self.tubelet[1]) * (w // self.tubelet[2]), "frame chunk")
     if getattr(self, "token_drop_tau", 1.0) < 1.0:
       raise ConfigError("model.token_drop_tau < 1 is not applied by chunked ingest (VideoLM.extend) yet; set it to 1.0")
+    if getattr(self, "eval_positions", "contiguous") != "contiguous":
+      raise ConfigError(
+        f"model.eval_positions={self.eval_positions}: a stream's length is unknown while it is ingested, so its frame "
+        "positions cannot be interpolated; stream with model.eval_positions=contiguous"
+      )
 
   def extend(self, frames: jax.Array, cache: KVCache) -> KVCache:
     """Append a chunk of frames [B, F, H, W, 3] to a stream cache of any kind -> the cache. Frames continue the
@@ -92,6 +98,7 @@ class StreamingMixin:
     b, n = tokens.shape
     if b != cache.batch:
       raise ConfigError(f"text chunk: expected tokens [B={cache.batch}, L], got {list(tokens.shape)}")
+    _check_fits(cache, n, "text chunk")
     positions = rope_lib.text_positions(cache.top + 1, n)  # [B, L, 3]
     seq = cache.next_index[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
     cache = cache.record(positions, seq, lengths).sharded()
@@ -106,3 +113,12 @@ class StreamingMixin:
       x, rope, mask=mask, residual=lambda y: constrain(y, ("batch", None, "embed")), cache=cache, decode=True
     )
 
+
+def _check_fits(cache: KVCache, tokens: int, what: str) -> None:
+  """An evicting cache writes one append into its ring at once: a longer append is the caller's config error."""
+  limit = cache.spec.max_chunk
+  if limit is not None and tokens > limit:
+    raise ConfigError(
+      f"{what} of {tokens} tokens does not fit the {cache.kind} cache's window of {limit} tokens (cache.window); "
+      "send shorter chunks or raise cache.window"
+    )
