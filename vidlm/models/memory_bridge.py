@@ -38,6 +38,7 @@ from flax import nnx
 from layers import rope as rope_lib
 from layers import scan
 from layers.attention import Attention
+from layers.block import DecoderBlock
 from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.memory import (
@@ -72,6 +73,9 @@ class MemoryBridgeConfig(config_lib.ModelSection):
   num_heads: int = 4
   head_dim: int = 32
   bridge_mlp_dim: int = 256  # the bridge layer's GELU MLP
+  # transformer blocks within each frame before segmentation (bidirectional over its tokens, 2D RoPE on (row, col)):
+  # lets small details that straddle tubelets (tier b's code patch) be read before the bridge compresses them
+  frame_layers: int = 0
   vocab_size: int = 260
   tubelet: tuple[int, int, int] = (1, 8, 8)  # (frames, height, width) of one video token
   memory_tokens: int = 4  # M: memory tokens carried between segments and written to the bank per segment
@@ -107,6 +111,8 @@ class MemoryBridgeConfig(config_lib.ModelSection):
          f"must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS/SEP of the byte tokenizer)")
     need(m.segment_stride <= m.segment_length, "model.segment_stride", m.segment_stride,
          f"must be <= model.segment_length={m.segment_length} (a larger stride would skip frames)")
+    need(isinstance(m.frame_layers, int) and m.frame_layers >= 0, "model.frame_layers", m.frame_layers,
+         "must be an integer >= 0")
     need(isinstance(m.max_segments, int) and m.max_segments >= 0, "model.max_segments", m.max_segments,
          "must be 0 (derived from the video length) or a positive segment count")
     need(m.segment_mode in SEGMENT_MODES, "model.segment_mode", m.segment_mode, f"expected {' | '.join(SEGMENT_MODES)}")
@@ -167,14 +173,18 @@ class SegmentPlan:
     return SegmentPlan(m.segment_mode, m.segment_length, m.segment_stride, m.max_segments, m.scene_min_length,
                        float(m.scene_threshold_std))
 
+  def derived_segments(self, frames: int) -> int:
+    """The segments a video of `frames` tubelet time steps needs (fixed), or may need at most (scene)."""
+    if self.mode == "fixed":
+      return strided_segment_count(frames, self.length, self.stride)
+    return max(1, -(-frames // self.min_length))
+
   def num_segments(self, frames: int) -> int:
     """K for a video of `frames` tubelet time steps: `max_segments`, or derived from the length when it is 0."""
-    if self.mode == "fixed":
-      need = strided_segment_count(frames, self.length, self.stride)
-      if self.max_segments and self.max_segments < need:
-        raise ValueError(f"model.max_segments={self.max_segments} cannot hold {frames} frames (needs {need})")
-      return self.max_segments or need
-    return self.max_segments or max(1, -(-frames // self.min_length))
+    need = self.derived_segments(frames)
+    if self.mode == "fixed" and self.max_segments and self.max_segments < need:
+      raise ValueError(f"model.max_segments={self.max_segments} cannot hold {frames} frames (needs {need})")
+    return self.max_segments or need
 
 
 @jax.tree_util.register_dataclass
@@ -225,12 +235,20 @@ class MemoryBridgeLM(nnx.Module):
     # learned initial memory; unit-scale and random so the M tokens start (and stay) distinct: they share the
     # bridge's position (0, 0, 0), and identical tokens would stay identical through every layer
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), ("memory", "embed"))
+    self.frame_layers = m.frame_layers
+    if m.frame_layers:
+      self.frame_blocks = scan.stack(
+        lambda r: DecoderBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_heads,
+                               head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
+                               rope_theta=m.rope_theta, rngs=r, **dt),
+        m.frame_layers, rngs,
+      )
     self.memory_init = nnx.Param(init(rngs.params(), (m.memory_tokens, m.embed_dim), param_dtype))
     self.bridge = BridgeLayer(m.embed_dim, m.num_heads, m.head_dim, m.bridge_mlp_dim, kernel=a.kernel,
                               rope_theta=m.rope_theta, rngs=rngs, **dt)
     self.retriever = Retriever(m.embed_dim, m.num_heads, m.head_dim, kernel=a.kernel, rngs=rngs, **dt)
-    # the bank size of a training video: the reference of the read's log-length scaling
-    reference_keys = self.plan.num_segments(cfg.data.frames // self.tubelet[0]) * m.memory_tokens
+    # the bank size of a training video (not of its padding): the reference of the read's log-length scaling
+    reference_keys = self.plan.derived_segments(cfg.data.frames // self.tubelet[0]) * m.memory_tokens
 
     def make_block(r):
       return ReadBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, head_dim=m.head_dim, mlp_dim=m.decoder_mlp_dim,
@@ -261,15 +279,24 @@ class MemoryBridgeLM(nnx.Module):
                               threshold_std=plan.threshold_std)
     return segment_frame_table(ids, count, max_segments=k, frames_per_segment=plan.length)
 
-  def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """frames [B, F, H, W, 3] -> (bank [B, S, E], bank_valid [B, S] bool): every segment's memory (cache order =
-    segment order, but the decoder reads it order-free), plus the `decoder_reads` extras."""
+  def segment_inputs(self, frames: jax.Array) -> tuple[jax.Array, ...]:
+    """frames [B, F, H, W, 3] -> the recurrence's inputs: (initial memory [B, M, E], segment tokens [B, K, L*P, E],
+    token mask [B, K, L*P] bool, segment valid [B, K] bool, within-segment positions [B, K, L*P, 3] int32)."""
     b, f, h, w, _ = frames.shape
     tt, th, tw = self.tubelet
     t, gh, gw = f // tt, h // th, w // tw
     p = gh * gw
     x = self.video_embed(frames)  # [B, T*P, E]
     e = x.shape[-1]
+    if self.frame_layers:  # each frame on its own: [B*T, P, E], positions (0, row, col)
+      hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+      fpos = np.stack([np.zeros_like(hh), hh, ww], -1).reshape(p, 3).astype(np.int32)
+      residual = lambda y: constrain(y, ("batch", None, "embed"))
+
+      def frame_body(block, y):
+        return block(y, fpos, mask=MaskSpec.bidirectional(), constrain=residual)
+
+      x = scan.apply(self.frame_blocks, residual(x.reshape(b * t, p, e)), frame_body, remat=self.remat)
     x = constrain(x.reshape(b, t, p, e), ("batch", None, None, "embed"))
     table, fmask, valid = self.segments(frames)  # [B, K, L], [B, K, L], [B, K]
     k, seg_len = table.shape[1:]
@@ -280,10 +307,15 @@ class MemoryBridgeLM(nnx.Module):
     pos = np.stack([jj, hh, ww], -1).reshape(seg_len * p, 3).astype(np.int32)  # within-segment (frame, row, col)
     pos = jnp.broadcast_to(jnp.asarray(pos), (b, k, seg_len * p, 3))
     mem0 = jnp.broadcast_to(self.memory_init[...].astype(self.dtype), (b, *self.memory_init.shape))
-    (final, cache, count), (_, outs) = run_segments(
-      self.bridge, self.retriever, mem0, tokens, token_mask, valid, pos, remat=self.remat
-    )
-    mm = cache.shape[2]
+    return mem0, tokens, token_mask, valid, pos
+
+  def memory_bank(self, carry: tuple[jax.Array, jax.Array, jax.Array], outs: jax.Array,
+                  token_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The recurrence's final carry (memory [B, M, E], cache [B, K, M, E], count [B]) and segment outputs
+    [B, K, N, E] -> (bank [B, S, E], bank_valid [B, S] bool): every segment's memory (cache order = segment order,
+    but the decoder reads it order-free), plus the `decoder_reads` extras."""
+    final, cache, count = carry
+    b, k, mm, e = cache.shape
     bank = cache.reshape(b, k * mm, e)
     bank_valid = jnp.repeat(jnp.arange(k)[None, :] < count[:, None], mm, axis=1)  # [B, K*M]
     if self.decoder_reads == "cache+final":
@@ -291,11 +323,18 @@ class MemoryBridgeLM(nnx.Module):
       bank_valid = jnp.concatenate([bank_valid, jnp.ones((b, mm), bool)], axis=1)
     elif self.decoder_reads == "cache+last":
       last = jnp.maximum(count - 1, 0)  # the last valid segment of each row
-      out_last = jnp.take_along_axis(outs, last[:, None, None, None], axis=1)[:, 0]  # [B, L*P, E]
+      out_last = jnp.take_along_axis(outs, last[:, None, None, None], axis=1)[:, 0]  # [B, N, E]
       mask_last = jnp.take_along_axis(token_mask, last[:, None, None], axis=1)[:, 0]
       bank = jnp.concatenate([bank, out_last], axis=1)
       bank_valid = jnp.concatenate([bank_valid, mask_last], axis=1)
     return constrain(bank, ("batch", None, "embed")), bank_valid
+
+  def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """frames [B, F, H, W, 3] -> (bank [B, S, E], bank_valid [B, S] bool): segment, recur, collect."""
+    mem0, tokens, token_mask, valid, pos = self.segment_inputs(frames)
+    carry, (_, outs) = run_segments(self.bridge, self.retriever, mem0, tokens, token_mask, valid, pos,
+                                    remat=self.remat)
+    return self.memory_bank(carry, outs, token_mask)
 
   # ------------------------------------------------------------------ decoder
 
@@ -322,10 +361,13 @@ class MemoryBridgeLM(nnx.Module):
       cache = dataclasses.replace(cache, k=k, v=v)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32), cache
 
+  def read(self, tokens: jax.Array, bank: jax.Array, bank_valid: jax.Array) -> jax.Array:
+    """tokens int32 [B, L] reading bank [B, S, E] -> text logits float32 [B, L, V] (teacher-forced decoder)."""
+    return self._decode_text(tokens, np.arange(tokens.shape[1]), bank, bank_valid)[0]
+
   def __call__(self, frames: jax.Array, tokens: jax.Array) -> jax.Array:
     """frames uint8/float [B, F, H, W, 3], tokens int32 [B, L] -> text logits float32 [B, L, V]."""
-    bank, bank_valid = self.encode(frames)
-    return self._decode_text(tokens, np.arange(tokens.shape[1]), bank, bank_valid)[0]
+    return self.read(tokens, *self.encode(frames))
 
   def prefill(self, frames: jax.Array, prompt: jax.Array, *, prompt_lengths: jax.Array | None = None,
               max_new_tokens: int = 64) -> tuple[jax.Array, MemoryCache]:
