@@ -15,8 +15,9 @@ Variants (`FILE.py:a,b`: comma-separated, any order, at most one attention varia
   train       a short real training run (issue 14, run 4): 2 procedural long videos (tier a), a checkpoint every 2
               steps, held-out loss on 1 batch at the end; pick the step count with --config.train.steps
 The block-sparse variants run the sparse ring (layers/ring/sparse.py): each hop computes only the listed tiles of the
-travelling K/V chunk and skips hops with nothing listed. On GPU they need the Mosaic GPU block-sparse kernels
-(pallas_kernels/gpu/sparse_*.py); until those exist a GPU run is refused in one line by the config check.
+travelling K/V chunk and skips hops with nothing listed; on GPU each hop runs the Mosaic GPU block-sparse kernels
+(pallas_kernels/gpu/sparse_*.py). The config check passes them for 4 GPUs; no sparse ring has run on a GPU yet
+(BENCHMARKS.md, "4xH200 runs (issue 14)").
 
 Layout: mesh (data=1, fsdp=1, seq=4, tensor=1). Every attention layer is a zigzag ring over `seq` (262,144
 tokens per GPU, causal work balanced across hops); weights, gradients and Adam moments are FSDP-sharded over
