@@ -3,7 +3,8 @@
   vidlm train --config experiments/demo.py[:variant] --workdir runs/x [--config.train.steps=10 ...]
   vidlm eval  --config experiments/demo.py --workdir runs/x       (evaluators from config.eval.evaluators)
   vidlm data  make-synthetic ... | ingest ...
-  vidlm bench attention ... | ring ... | sparse ...
+  vidlm bench attention ... | ring ... | sparse ... | stream ...
+  vidlm stream --config ... --workdir runs/x (--video FILE | --procedural) [--ask-at 64,256] [--cache KIND]
   vidlm demo  [--workdir runs/demo]                               (the main job: train + evaluate + report)
   vidlm sweep --config experiments/ablations/attention.py --workdir runs/x   (get_sweep() variants, results.md)
 
@@ -174,12 +175,14 @@ def main(argv: list[str] | None = None) -> int:
       return commands[cmd](rest)
     if cmd == "sweep":
       return _delegate("vidlm.sweep", rest)
+    if cmd == "stream":
+      return _delegate("vidlm.infer.stream_command", rest)
     if cmd == "data":
       return _delegate("vidlm.data.commands", rest)
     if cmd == "bench":
-      if not rest or rest[0] not in ("attention", "ring", "train_step", "sparse"):
+      if not rest or rest[0] not in ("attention", "ring", "train_step", "sparse", "stream"):
         raise config_lib.ConfigError(
-          f"vidlm bench: expected attention | ring | train_step | sparse, got {rest[0] if rest else 'nothing'} "
+          f"vidlm bench: expected attention | ring | train_step | sparse | stream, got {rest[0] if rest else 'nothing'} "
           "(vidlm bench NAME --help lists its options)"
         )
       return _delegate(f"vidlm.bench.{rest[0]}", rest[1:])
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 1
     raise
-  print(f"unknown command {cmd!r}; expected train | eval | data | bench | demo | sweep", file=sys.stderr)
+  print(f"unknown command {cmd!r}; expected train | eval | data | bench | demo | sweep | stream", file=sys.stderr)
   return 2
 
 
