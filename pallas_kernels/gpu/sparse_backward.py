@@ -5,10 +5,13 @@ a ring of `_MSTEPS` slots released on "consumed" barriers), driven by `sparse_sc
 ranges:
   * dQ: one CTA per (q head, layout q block = 2 x 64 rows, batch); each listed kv block is 1 or 2 sub-tiles of
     64 keys. FULL tiles (listed first) skip the mask math.
-  * dK/dV: one CTA per (kv head, layout kv block = 1 or 2 x 64 rows, batch); for every query head of the GQA
-    group it walks that head's transposed list (the q blocks that list this kv block, built on device by
-    `layout.transpose_block_lists`), each q block as 2 sub-tiles of 64 queries, and reduces the group in the
-    accumulators. Unlisted and EMPTY tiles are never loaded.
+  * dK/dV: one CTA per (kv head, work item, batch). An item is a layout kv block (1 or 2 x 64 rows) and a range
+    of its run: the concatenation, over the query heads of the GQA group, of each head's transposed list (the q
+    blocks that list this kv block, built on device by `layout.transpose_block_lists`), each q block as 2
+    sub-tiles of 64 queries, reduced over the group in the accumulators. A run longer than a chunk is split
+    over several items (`sparse_schedule.dkv_items`), each writing fp32 partials that `merge_partials` sums:
+    a hot kv column (a sink listed by every q block) no longer serialises on one SM. Unlisted and EMPTY tiles
+    are never loaded.
 """
 
 from __future__ import annotations
@@ -176,9 +179,12 @@ def _dq_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale, 
   )(*args)
 
 
-def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale, interpret):
-  """(dK, dV) [B, S, Hkv, D]."""
+def _dkv_call(lists, items, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale, interpret):
+  """(dK, dV) [B, S, Hkv, D] for unsplit kv blocks, (pK, pV) [B, Hkv, P, block_kv, D] fp32 partials."""
   tidx, tstart, tmid = lists
+  n_items = items.shape[-1]
+  n_slots = n_items - shp.n_k
+  nbr, nhr = items.shape[:2]
   b, t, hq, d = q.shape
   hkv = k.shape[2]
   group = hq // hkv
@@ -195,24 +201,35 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
 
   def kernel(*refs):
     if has_seg:
-      tidx_ref, st_ref, mid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref = refs[:11]
+      it_ref, tidx_ref, st_ref, mid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref, qs_ref, ks_ref = refs[:12]
     else:
-      tidx_ref, st_ref, mid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref = refs[:9]
+      it_ref, tidx_ref, st_ref, mid_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, dl_ref = refs[:10]
       qs_ref = ks_ref = None
-    dk_ref, dv_ref, smem, bars, consumed = refs[-5:]
-    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, lse_smem, dl_smem, qs_smem = smem
+    dk_ref, dv_ref, pk_ref, pv_ref, smem, bars, consumed = refs[-7:]
+    k_smem2, v_smem2, ks_smem2, q_smem, do_smem, lse_smem, dl_smem, qs_smem, stage2 = smem
     row_bar, q_bar, do_bar, lse_bar, dl_bar, qs_bar = bars
     bi = lax.axis_index("batch")
     kv_h = lax.axis_index("heads")
-    kt = lax.axis_index("kv_seq")
+    item = lax.axis_index("item")
     wg = lax.axis_index("wg")
+    rb_, rh_ = (bi if nbr > 1 else 0), (kv_h if nhr > 1 else 0)
+    kt = it_ref[rb_, rh_, 0, item]  # this item's kv block
+    lo, hi, slot = it_ref[rb_, rh_, 1, item], it_ref[rb_, rh_, 2, item], it_ref[rb_, rh_, 3, item]
+    live = slot >= -1
 
-    def run_of(g):
-      """(layout batch, layout head, start, mid, end) of query head g of the group for this kv block."""
+    def run_of(g, off):
+      """(layout batch, layout head, start, mid, end) of query head g's part of this item's range.
+
+      off = entries of the heads before g in the group's concatenated run; the item covers [lo, hi) of it.
+      """
       lb, lh = shp.rows(bi, kv_h * group + g)
-      return lb, lh, st_ref[lb, lh, kt], mid_ref[lb, lh, kt], st_ref[lb, lh, kt + 1]
+      st, en = st_ref[lb, lh, kt], st_ref[lb, lh, kt + 1]
+      n = en - st
+      a = st + jnp.clip(lo - off, 0, n)
+      e = st + jnp.clip(hi - off, 0, n)
+      return lb, lh, a, jnp.clip(mid_ref[lb, lh, kt], a, e), e, off + n
 
-    @pl.when(wg < cw)
+    @pl.when(live & (wg < cw))
     def _consumer():
       if cw == 2:  # 2 * 232 + 40 registers per thread x 128 threads fits the 64K register file
         plgpu.set_max_registers(232, action="increase")
@@ -278,22 +295,39 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
         return dk, dv, i
 
       def head(g, carry):
-        lb, lh, st, mid, en = run_of(g)
+        dk, dv, i, off = carry
+        lb, lh, st, mid, en, off = run_of(g, off)
         if has_seg:  # segment ids can mask inside any tile
           mid = st
-        carry = lax.fori_loop(st, mid, functools.partial(entry, lb, lh, masked=False), carry)
-        return lax.fori_loop(mid, en, functools.partial(entry, lb, lh, masked=True), carry)
+        c3 = lax.fori_loop(st, mid, functools.partial(entry, lb, lh, masked=False), (dk, dv, i))
+        return (*lax.fori_loop(mid, en, functools.partial(entry, lb, lh, masked=True), c3), off)
 
-      dk, dv, _ = lax.fori_loop(0, group, head, (zeros, zeros, jnp.int32(0)))
-      k_smem[...] = (dk * scale).astype(dtype)
-      v_smem[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
-      plgpu.commit_smem_to_gmem_group()
-      plgpu.wait_smem_to_gmem(0)
+      dk, dv, _, _ = lax.fori_loop(0, group, head, (zeros, zeros, jnp.int32(0), jnp.int32(0)))
 
-    @pl.when(wg == cw)
+      @pl.when(slot < 0)
+      def _whole():  # the item is the kv block's whole run: write dK / dV
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[rows], commit_group=False)
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[rows], commit_group=False)
+        plgpu.commit_smem_to_gmem_group()
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(slot >= 0)
+      def _part():  # one chunk of a split run: fp32 partials into its slot, summed by merge_partials
+        stage = stage2.at[wg]
+        prow = (bi, kv_h, slot, pl.ds(wg * bk, bk))
+        stage[...] = dk * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, pk_ref.at[prow])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        stage[...] = dv
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(stage, pv_ref.at[prow])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(live & (wg == cw))
     def _producer():
       if cw == 2:
         plgpu.set_max_registers(40, action="decrease")
@@ -307,8 +341,9 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
         plgpu.copy_gmem_to_smem(do_ref.at[sl], do_smem.at[slot], do_bar.at[slot])
         plgpu.copy_gmem_to_smem(dl_ref.at[bi, h, pl.ds(q_row, bq)], dl_smem.at[slot], dl_bar.at[slot])
 
-      def head(g, i):
-        lb, lh, st, _, en = run_of(g)
+      def head(g, carry):
+        i, off = carry
+        lb, lh, st, _, en, off = run_of(g, off)
         h = kv_h * group + g
 
         def entry(e, i):
@@ -322,9 +357,9 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
             i = i + 1
           return i
 
-        return lax.fori_loop(st, en, entry, i)
+        return lax.fori_loop(st, en, entry, i), off
 
-      n_steps = lax.fori_loop(0, group, head, jnp.int32(0))
+      n_steps, _ = lax.fori_loop(0, group, head, (jnp.int32(0), jnp.int32(0)))
 
       # Drain: observe the consumers' last releases (keeps every barrier phase accounted for).
       @pl.loop(jnp.maximum(n_steps - msteps, 0), n_steps)
@@ -341,6 +376,7 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
     plgpu.SMEM((msteps, bq), jnp.float32),
     plgpu.SMEM((msteps, bq), jnp.float32),
     plgpu.SMEM((msteps, bq), jnp.int32) if has_seg else None,
+    plgpu.SMEM((cw, bk, d), jnp.float32),  # fp32 staging of a split item's partials
   )
   bars = (
     plgpu.Barrier(num_barriers=cw * n_row_copies),
@@ -351,13 +387,14 @@ def _dkv_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale,
     plgpu.Barrier(num_barriers=msteps) if has_seg else None,
   )
   consumed = plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
-  args = (tidx, tstart, tmid, q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
+  args = (items, tidx, tstart, tmid, q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
+  part = jax.ShapeDtypeStruct((b, hkv, n_slots, shp.block_kv, d), jnp.float32)
   return plgpu.kernel(
     kernel,
-    out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype)),
+    out_type=(jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(k.shape, dtype), part, part),
     scratch_types=(smem, bars, consumed),
-    grid=(hkv, shp.n_k, b),
-    grid_names=("heads", "kv_seq", "batch"),
+    grid=(hkv, n_items, b),
+    grid_names=("heads", "item", "batch"),
     num_threads=cw + 1,
     thread_name="wg",
     compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -401,5 +438,8 @@ def sparse_backward(
   args = (q, k, v, dout, lse2, delta, segment_ids)
   kw = dict(mask=mask, scale=scale, interpret=interpret)
   dq = _dq_call(fwd_lists, shp, *args, **kw)
-  dk, dv = _dkv_call(bwd_lists, shp, *args, **kw)
+  items, slot_run, run_block = sparse_schedule.dkv_items(bwd_lists, shp, hq, k.shape[2])
+  dk, dv, pk, pv = _dkv_call(bwd_lists, items, shp, *args, **kw)
+  dk = sparse_schedule.merge_partials(dk, pk, slot_run, run_block, dk.dtype)
+  dv = sparse_schedule.merge_partials(dv, pv, slot_run, run_block, dv.dtype)
   return dq, dk, dv

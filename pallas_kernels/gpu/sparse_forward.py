@@ -23,7 +23,28 @@ from pallas_kernels.gpu.common import _LN2, _LOG2E, _acc_mm, _element_mask, _par
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
 _BQ = sparse_schedule.SPARSE_BLOCK_Q // 2  # rows per consumer warpgroup
-_MSTEPS = 2
+_SMEM_LIMIT = 227 * 1024  # H100 / H200 opt-in shared memory per block
+
+
+def _ring_slots(bk: int, d: int, itemsize: int, has_seg: bool) -> int:
+  """K/V ring depth: 3 where it fits shared memory, else 2.
+
+  A listed tile at low density often comes from HBM (few concurrent CTAs share it in L2); a 3-slot ring keeps
+  two loads in flight ahead of the consumers instead of one. Bytes as Mosaic allocates them (each buffer
+  aligned to 1 KiB; no reduction scratch: see `reduction_scratch_bytes` below); at hd128 / block_kv 128 without
+  segment ids: 32 KiB Q + 3 x 64 KiB K/V + 1 KiB lse = 225 KiB.
+  """
+
+  def al(n):
+    return -(-n // 1024) * 1024
+
+  for slots in (3, 2):
+    need = al(2 * _BQ * d * itemsize) + 2 * slots * al(bk * d * itemsize) + al(2 * _BQ * 4) + 256
+    if has_seg:
+      need += al(2 * _BQ * 4) + al(slots * bk * 4)
+    if need <= _SMEM_LIMIT:
+      return slots
+  return 2
 
 
 def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec, scale: float, interpret=False):
@@ -38,8 +59,8 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
   group = hq // hkv
   dtype = q.dtype
   bq, bk = _BQ, shp.block_kv
-  msteps = _MSTEPS
   has_seg = segment_ids is not None
+  msteps = _ring_slots(bk, d, jnp.dtype(dtype).itemsize, has_seg)
   c = float(scale) * _LOG2E
   interp = bool(interpret)
 
@@ -220,7 +241,9 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
     grid_names=("heads", "q_seq", "batch"),
     num_threads=3,
     thread_name="wg",
-    compiler_params=plgpu.CompilerParams(approx_math=True),
+    # the row max / sum of a WGMMA-layout tile stay inside a warp: no cross-warp reduction scratch is needed,
+    # and its default 2 KiB would not leave room for the third ring slot
+    compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
     interpret=_params(interpret),
   )(fidx, fcnt, ffull, q, k, v, *seg)
   return out, lse

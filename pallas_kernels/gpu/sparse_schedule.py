@@ -8,6 +8,11 @@ One job: turn the layout's per-q-block kv lists into what the kernels walk.
   dK/dV (kv-major): the transpose of those lists (`layout.transpose_block_lists`, CSR): q_idx
     int32[nb, nh, nQ * W], start int32[nb, nh, nK + 1], mid int32[nb, nh, nK] (FULL pairs in [start, mid),
     PARTIAL ones in [mid, next start)).
+  dK/dV work items (`dkv_items`): the kernel's grid walks items, not kv blocks. A kv block whose run (summed
+    over the query heads of a GQA group) is longer than a chunk C is cut into chunks, each one CTA that writes
+    an fp32 partial dK/dV to its own slot; `merge_partials` sums them per kv block after the kernel. Hot kv
+    columns (sinks, per-frame globals, listed by nearly every q block) would otherwise be one CTA's serial walk.
+    Items run longest first (LPT order) so the long ones do not form the tail of the launch.
 
 nb / nh are the layout's own batch / head extents (1 = shared). Memory: O(nb * nh * nQ * W), what the layout
 lists; nothing of size nQ * nK or T * S. Everything is jittable device work (two sorts per row, one per layout
@@ -18,11 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels.layout import BlockLayout, MaskSpec, TileRelation, transpose_block_lists
 
 _EMPTY, _FULL = int(TileRelation.EMPTY), int(TileRelation.FULL)
+DKV_MIN_CHUNK = 16  # no dK/dV chunk shorter than this many listed q blocks (tests lower it to force splits)
 SPARSE_BLOCK_Q = 128  # the forward / dQ CTA: two consumer warpgroups of 64 rows each
 SPARSE_BLOCKS_KV = (64, 128)  # one forward tile; 1 or 2 sub-tiles of 64 in dQ, 1 or 2 dK/dV warpgroups
 
@@ -99,6 +106,84 @@ def backward_lists(fwd, shp: SparseShape):
   return transpose_block_lists(idx, count, shp.n_k, tags)
 
 
+def dkv_slots(shp: SparseShape) -> int:
+  """P: static number of fp32 partial dK/dV slots per (batch, kv head); the grid has nK + P items."""
+  return max(8, shp.n_k // 4)
+
+
+def dkv_items(bwd, shp: SparseShape, hq: int, hkv: int, min_chunk: int | None = None):
+  """Work items of the dK/dV kernel and what `merge_partials` needs, all int32, built on device.
+
+  Rows r = (layout batch, kv head if the layout is per head else 0). The run of kv block j over a GQA group
+  is the concatenation of its query heads' transposed runs, length L_j. With total = sum_j L_j and P slots,
+  the chunk is C = max(min_chunk, ceil(2 total / P)); a run with L_j > C becomes ceil(L_j / C) items of the
+  ranges [c C, min((c + 1) C, L_j)), every other kv block one item [0, L_j) (L_j = 0 too: it writes zeros).
+  Bound: split runs have L_j > C, so their chunks number < 2 L_j / C and in all < 2 total / C <= P; the items
+  number at most nK + P. Returns
+    items [nbr, nhr, 4, nK + P]: (kv block, lo, hi, slot) sorted by hi - lo descending; slot -1 = write dK/dV
+      directly, >= 0 = write the fp32 partial there, -2 = no item (the CTA exits);
+    slot_run [nbr, nhr, P]: the split run (rank) each slot adds into, R = P // 2 for unused slots;
+    run_block [nbr, nhr, R]: the kv block of each split run, nK for unused ranks (dropped by the scatter).
+  """
+  _, start, _ = bwd
+  nb, nh, n_k = shp.nb, shp.nh, shp.n_k
+  group = hq // hkv
+  p = dkv_slots(shp)
+  r = p // 2
+  n = start[..., 1:] - start[..., :-1]  # [nb, nh, nK]
+  lens = n.reshape(nb, hkv, group, n_k).sum(2) if nh > 1 else n * group  # [nbr, nhr, nK]
+  total = lens.sum(-1, keepdims=True)
+  c = jnp.maximum(jnp.int32(min_chunk or DKV_MIN_CHUNK), (2 * total + p - 1) // p)  # [nbr, nhr, 1]
+  split = lens > c
+  nch = jnp.where(split, (lens + c - 1) // c, 1)
+  csum = jnp.cumsum(nch, axis=-1)  # [nbr, nhr, nK]
+  it = jnp.arange(n_k + p, dtype=jnp.int32)
+  flat = csum.reshape(-1, n_k)
+  j = jax.vmap(lambda cs: jnp.searchsorted(cs, it, side="right"))(flat).reshape(*csum.shape[:-1], n_k + p)
+  valid = it < csum[..., -1:]
+  j = jnp.minimum(j, n_k - 1).astype(jnp.int32)
+  take = lambda a: jnp.take_along_axis(a, j, axis=-1)  # noqa: E731
+  chunk = it - (take(csum) - take(nch))
+  sp = take(split) & valid
+  lo = jnp.where(sp, chunk * c, 0)
+  hi = jnp.where(sp, jnp.minimum(lo + c, take(lens)), take(lens))
+  slot = jnp.where(sp, jnp.cumsum(sp, axis=-1) - 1, -1)
+  slot = jnp.where(valid, slot, -2).astype(jnp.int32)
+  work = jnp.where(valid, hi - lo, -1)
+  cols = [x.astype(jnp.int32).reshape(-1, n_k + p) for x in (-work, j, lo, hi, slot)]
+  _, j_s, lo_s, hi_s, slot_s = jax.lax.sort(cols, dimension=1, num_keys=1, is_stable=True)
+  items = jnp.stack([j_s, lo_s, hi_s, slot_s], axis=1).reshape(*csum.shape[:-1], 4, n_k + p)
+  # merge metadata, in the unsorted item order where a run's slots are contiguous
+  rank = jnp.cumsum(split, axis=-1) - 1  # [nbr, nhr, nK]: rank of each split run
+  sl = slot.reshape(-1, n_k + p)
+  run_of_item = jnp.where(sp, take(rank), r).reshape(-1, n_k + p)
+  slot_run = jax.vmap(lambda s, ro: jnp.full((p,), r, jnp.int32).at[s].set(ro, mode="drop"))(sl, run_of_item)
+  blocks = jnp.broadcast_to(jnp.arange(n_k, dtype=jnp.int32), split.shape).reshape(-1, n_k)
+  rk = jnp.where(split, rank, r).reshape(-1, n_k)
+  run_block = jax.vmap(lambda k_, b_: jnp.full((r,), n_k, jnp.int32).at[k_].set(b_, mode="drop"))(rk, blocks)
+  lead = csum.shape[:-1]
+  return items, slot_run.reshape(*lead, p), run_block.reshape(*lead, r)
+
+
+def merge_partials(dk, pk, slot_run, run_block, dtype):
+  """dk [B, S, Hkv, D] with the rows of split kv blocks replaced by the sums of their fp32 partials.
+
+  pk [B, Hkv, P, block_kv, D] float32 (unwritten slots hold anything: they add into the dropped rank R);
+  slot_run [nbr, nhr, P], run_block [nbr, nhr, R] from `dkv_items` (broadcast over batch / kv heads).
+  """
+  b, s, hkv, d = dk.shape
+  _, _, p, bk, _ = pk.shape
+  r = run_block.shape[-1]
+  slot_run = jnp.broadcast_to(slot_run, (b, hkv, p))
+  run_block = jnp.broadcast_to(run_block, (b, hkv, r))
+  bi = jnp.arange(b)[:, None, None]
+  hi = jnp.arange(hkv)[None, :, None]
+  sums = jnp.zeros((b, hkv, r + 1, bk, d), jnp.float32).at[bi, hi, slot_run].add(pk)[:, :, :r]
+  dk5 = dk.reshape(b, s // bk, bk, hkv, d)
+  dk5 = dk5.at[bi, run_block, :, hi, :].set(sums.astype(dtype), mode="drop")
+  return dk5.reshape(b, s, hkv, d)
+
+
 def build(mask: MaskSpec, layout: BlockLayout, s: int):
   """(SparseShape, forward lists, backward lists) for the kernels; see the module docstring."""
   shp = shape_of(layout, s)
@@ -110,8 +195,12 @@ __all__ = [
   "SPARSE_BLOCKS_KV",
   "SPARSE_BLOCK_Q",
   "SparseShape",
+  "DKV_MIN_CHUNK",
   "backward_lists",
   "build",
+  "dkv_items",
+  "dkv_slots",
   "forward_lists",
   "layout_reason",
+  "merge_partials",
 ]

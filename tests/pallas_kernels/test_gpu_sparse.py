@@ -84,6 +84,56 @@ def test_forward_lists_dedupe_drop_empty_full_first():
     assert list(idx[i][: cnt[i]]) == full + part and n_full[i] == len(full)
 
 
+def _sink_layout(rng, nb, nh, n_q, n_k, extra, block_kv, sink=0):
+  """Every q block lists kv block `sink` (a hot column, as static / xattention layouts have) plus `extra` others."""
+  w = extra + 1
+  idx = np.zeros((nb, nh, n_q, w), np.int32)
+  for i in np.ndindex(nb, nh, n_q):
+    others = [j for j in rng.permutation(n_k) if j != sink][:extra]
+    idx[i] = [*others[: w // 2], sink, *others[w // 2 :]]
+  return BlockLayout(jnp.asarray(idx), jnp.full((nb, nh, n_q), w, jnp.int32), 128, block_kv)
+
+
+@pytest.mark.parametrize("min_chunk", [1, 3])
+def test_dkv_items_cover_every_run_once(min_chunk):
+  """Items tile each kv block's group run exactly once, split runs obey the chunk and slot bounds, LPT order."""
+  rng = np.random.default_rng(2)
+  nb, hq, hkv, n_q, n_k = 2, 4, 2, 12, 10
+  lay = _sink_layout(rng, nb, hq, n_q, n_k, 2, 128, sink=n_k - 1)
+  shp = sparse_schedule.shape_of(lay, n_k * 128)
+  fwd = sparse_schedule.forward_lists(MaskSpec.bidirectional(), lay, shp)
+  bwd = sparse_schedule.backward_lists(fwd, shp)
+  items, slot_run, run_block = (
+    np.asarray(x) for x in sparse_schedule.dkv_items(bwd, shp, hq, hkv, min_chunk=min_chunk)
+  )
+  p = sparse_schedule.dkv_slots(shp)
+  start = np.asarray(bwd[1])
+  assert items.shape == (nb, hkv, 4, n_k + p) and slot_run.shape == (nb, hkv, p) and run_block.shape == (nb, hkv, p // 2)
+  n_split_total = 0
+  for b in range(nb):
+    for h in range(hkv):
+      lens = sum(start[b, h * 2 + g, 1:] - start[b, h * 2 + g, :-1] for g in range(2))
+      j, lo, hi, slot = items[b, h]
+      live = slot >= -1
+      work = (hi - lo)[live]
+      assert np.all(np.diff(work) <= 0) and np.all(slot[~live] == -2) and np.all(~live[live.sum() :])
+      for kb in range(n_k):
+        mine = live & (j == kb)
+        ranges = sorted(zip(lo[mine], hi[mine], slot[mine], strict=True))
+        assert ranges[0][0] == 0 and ranges[-1][1] == lens[kb]
+        assert all(a[1] == b_[0] for a, b_ in zip(ranges, ranges[1:], strict=False))  # contiguous, no overlap
+        if len(ranges) == 1:
+          assert ranges[0][2] == -1  # a whole run writes dK/dV directly
+        else:
+          n_split_total += 1
+          slots = [r[2] for r in ranges]
+          assert min(slots) >= 0 and len(set(slots)) == len(slots)
+          runs = {int(slot_run[b, h, sl]) for sl in slots}
+          assert len(runs) == 1 and run_block[b, h, runs.pop()] == kb
+      assert np.sum(slot >= 0) <= p
+  assert n_split_total > 0  # the hot column was split
+
+
 def _inputs(key, b, t, s, hq, hkv, d, dtype, seg: bool):
   ks = jax.random.split(key, 7)
   q = jax.random.normal(ks[0], (b, t, hq, d), jnp.float32).astype(dtype)
@@ -160,6 +210,22 @@ def test_interpret_matches_reference(case):
     rows = slice(empty[0] * 128, empty[0] * 128 + 128)
     assert np.all(np.asarray(kernel[1])[:, :, rows] == -np.inf)
     assert np.all(np.asarray(kernel[2][0], np.float32)[:, rows] == 0.0)
+
+
+@pytest.mark.parametrize("nh", ["hq", 1])
+def test_interpret_hot_column_split(monkeypatch, nh):
+  """A sink listed by every q block: its dK/dV run is split over several CTAs whose fp32 partials are summed."""
+  monkeypatch.setattr(sparse_schedule, "DKV_MIN_CHUNK", 1)
+  rng = np.random.default_rng(9)
+  hq, hkv, t = 2, 1, 384
+  lay = _sink_layout(rng, 1, hq if nh == "hq" else 1, t // 128, t // 128, 1, 128)
+  shp = sparse_schedule.shape_of(lay, t)
+  _, fwd, bwd = sparse_schedule.build(MaskSpec.bidirectional(), lay, t)
+  items = np.asarray(sparse_schedule.dkv_items(bwd, shp, hq, hkv)[0])
+  assert np.sum(items[0, 0, 3] >= 0) >= 2  # the sink's run is cut into chunks with partial slots
+  q, k, v, do, dlse, _ = _inputs(jax.random.key(11), 1, t, t, hq, hkv, 64, jnp.bfloat16, False)
+  kernel, ref = _kernel_and_reference(q, k, v, do, dlse, None, lay, mask=MaskSpec.bidirectional(), interpret=True)
+  _compare(q, kernel, ref)
 
 
 def test_layout_reasons():
@@ -242,6 +308,25 @@ def test_gpu_matches_reference(case):
   q, k, v, do, dlse, segment_ids = make(jax.random.key(400 + case), 2, t, s, hq, hkv, d, dtype, seg)
   run = jax.jit(functools.partial(_kernel_and_reference, mask=mask, interpret=False), compiler_options=_NO_AUTOTUNE)
   kernel, ref = run(q, k, v, do, dlse, segment_ids, lay)
+  _compare(q, kernel, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_hot_column_split():
+  """A sink column long enough to be split with the default chunk (nQ = 64, GQA 2): fp32 partials merged."""
+  rng = np.random.default_rng(17)
+  hq, hkv, t, d = 4, 2, 8192, 128
+  lay = _sink_layout(rng, 1, hq, t // 128, t // 128, 4, 128)
+  shp = sparse_schedule.shape_of(lay, t)
+  _, _, bwd = sparse_schedule.build(MaskSpec.causal(), lay, t)
+  assert int(np.sum(np.asarray(sparse_schedule.dkv_items(bwd, shp, hq, hkv)[0])[..., 3, :] >= 0)) >= 2
+  q, k, v, do, dlse, _ = jax.jit(_inputs, static_argnums=range(1, 9))(
+    jax.random.key(21), 1, t, t, hq, hkv, d, jnp.bfloat16, False
+  )
+  run = jax.jit(
+    functools.partial(_kernel_and_reference, mask=MaskSpec.causal(), interpret=False), compiler_options=_NO_AUTOTUNE
+  )
+  kernel, ref = run(q, k, v, do, dlse, None, lay)
   _compare(q, kernel, ref)
 
 
