@@ -17,6 +17,7 @@ from pathlib import Path
 from vidlm import config as config_lib
 from vidlm.eval import niavh as _niavh  # noqa: F401  (registers "niavh")
 from vidlm.eval import ppl as _ppl  # noqa: F401  (registers "loss" and "ppl_vs_length")
+from vidlm.eval import stream as _stream  # noqa: F401  (registers "niavh_stream")
 from vidlm.eval.registry import EVALUATORS, EvalContext, get_evaluator, register_evaluator
 
 __all__ = ["EVALUATORS", "EvalContext", "register_evaluator", "restore_checkpoint", "run_evaluators"]

@@ -117,6 +117,7 @@ class StreamingSession:
     self._read = jax.jit(self._read_fn) if self.memory_bridge else None
     self.frames_ingested = 0
     self.ingest_seconds = 0.0
+    self.steady_frames, self.steady_seconds = 0, 0.0  # ingest calls that did not compile
     self.last_ask: dict[str, float] = {}
 
   # ---- ingest -----------------------------------------------------------------------------------------------
@@ -147,11 +148,17 @@ class StreamingSession:
   def ingest(self, frames) -> None:
     """Append a chunk of frames (see `expected_shape`); blocks until it is ingested (for honest frames/s)."""
     frames = self._check(frames)
+    traced = len(self._traced)
     start = time.perf_counter()
     self._state = self._ingest(self._params, self._state, jnp.asarray(frames))
     jax.block_until_ready(self._state)
-    self.ingest_seconds += time.perf_counter() - start
-    self.frames_ingested += int(np.shape(frames)[1])
+    seconds = time.perf_counter() - start
+    n = int(np.shape(frames)[1])
+    self.frames_ingested += n
+    self.ingest_seconds += seconds
+    if len(self._traced) == traced:  # not a compiling call: counts towards the steady-state rate
+      self.steady_frames += n
+      self.steady_seconds += seconds
 
   @property
   def compiles(self) -> int:
@@ -271,13 +278,14 @@ class StreamingSession:
     return self._state
 
   def stats(self) -> dict[str, Any]:
-    """frames ingested, ingest seconds and frames/s, the state's bytes (fixed by construction), device memory in
+    """frames ingested, ingest seconds (compilation included) and frames/s (over the calls that did not compile:
+    None until one has run), the state's bytes (fixed by construction), device memory in
     use and its peak (None where the backend keeps no memory stats, e.g. CPU), compilations of the ingest step."""
     state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(self._state))
     mem = _device_memory()
     return {
       "frames": self.frames_ingested, "ingest_seconds": self.ingest_seconds,
-      "frames_per_s": self.frames_ingested / self.ingest_seconds if self.ingest_seconds else None,
+      "frames_per_s": self.steady_frames / self.steady_seconds if self.steady_seconds else None,
       "state_bytes": state_bytes, "device_bytes_in_use": mem.get("bytes_in_use"),
       "peak_device_bytes": mem.get("peak_bytes_in_use"), "compiles": self.compiles,
       "kind": "memory_bridge" if self.memory_bridge else self.cache_spec.kind,
