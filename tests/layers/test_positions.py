@@ -160,6 +160,11 @@ def test_interpolation_at_evaluation():
   np.testing.assert_allclose(np.asarray(got), np.asarray(plain(long["frames"], long["tokens"], positions=pos)),
                              rtol=1e-6, atol=1e-6)
   assert not np.allclose(np.asarray(got), np.asarray(plain(long["frames"], long["tokens"])), atol=1e-4)
+  # under jit (the evaluators' scoring): the positions are a function of the shape, computed at trace time
+  graphdef, state = nnx.split(model)
+  jitted = jax.jit(lambda st, b: nnx.merge(graphdef, st).loss(b, per_example=True)[1]["loss_sum"])(state, long)
+  np.testing.assert_allclose(np.asarray(jitted), np.asarray(model.loss(long, per_example=True)[1]["loss_sum"]),
+                             rtol=1e-5)
   # after random training the trained range is max_train_position: a video inside it is not squeezed
   wide = build_model(_cfg(train_positions="random", max_train_position=64, eval_positions="interpolate"),
                      nnx.Rngs(0))

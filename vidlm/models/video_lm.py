@@ -212,7 +212,8 @@ class VideoLM(StreamingMixin, nnx.Module):
     grid = self._grid(frames_shape)
     if self.eval_positions == "interpolate" and grid[0] > self.trained_frame_range:
       t = rope_lib.interpolated_frame_t(grid[0], self.trained_frame_range)
-      return np.asarray(rope_lib.frame_positions(t, grid[1:], text_len), np.float32)
+      with jax.ensure_compile_time_eval():  # concrete under jit too: positions of a shape, not of data
+        return np.asarray(rope_lib.frame_positions(t, grid[1:], text_len), np.float32)
     return rope_lib.video_text_positions(grid, text_len)
 
   def training_positions(self, frames_shape: tuple[int, ...], text_len: int, index: jax.Array) -> jax.Array | None:
