@@ -115,8 +115,10 @@ def test_dkv_items_cover_every_run_once(min_chunk):
       lens = sum(start[b, h * 2 + g, 1:] - start[b, h * 2 + g, :-1] for g in range(2))
       j, lo, hi, slot = items[b, h]
       live = slot >= -1
-      work = (hi - lo)[live]
-      assert np.all(np.diff(work) <= 0) and np.all(slot[~live] == -2) and np.all(~live[live.sum() :])
+      n_sp = int(np.sum(slot >= 0))
+      assert np.all(slot[:n_sp] >= 0) and np.all(np.diff((hi - lo)[:n_sp]) <= 0)  # split chunks first, longest first
+      assert np.all(np.diff(j[n_sp : live.sum()]) > 0)  # then the other kv blocks in ascending order
+      assert np.all(slot[~live] == -2) and np.all(~live[live.sum() :])
       for kb in range(n_k):
         mine = live & (j == kb)
         ranges = sorted(zip(lo[mine], hi[mine], slot[mine], strict=True))
