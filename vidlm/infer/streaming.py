@@ -248,15 +248,20 @@ class StreamingSession:
   def state(self) -> dict[str, Any]:
     """The stream as a pytree of host numpy arrays (plain dicts): the cache or memory state + the session's
     counters. Saveable with orbax (`ocp.PyTreeCheckpointer().save(path, session.state())`)."""
-    arrays = {f.name: np.asarray(jax.device_get(getattr(self._state, f.name))) for f in dataclasses.fields(self._state)
-              if isinstance(getattr(self._state, f.name), jax.Array)}
+    arrays = {name: np.asarray(jax.device_get(getattr(self._state, name))) for name in self._array_fields()}
     return {"arrays": arrays, "frames_ingested": np.asarray(self.frames_ingested, np.int64),
             "ingest_seconds": np.asarray(self.ingest_seconds, np.float64)}
+
+  def _array_fields(self) -> list[str]:
+    """The state's array fields, less the empty ones (e.g. a sink_window cache's store): orbax refuses zero-size
+    arrays, and an empty array carries nothing a restore needs."""
+    return [f.name for f in dataclasses.fields(self._state)
+            if isinstance(getattr(self._state, f.name), jax.Array) and getattr(self._state, f.name).size]
 
   def restore(self, state: dict[str, Any]) -> None:
     """Continue the stream `state()` captured (in this session or another built with the same arguments)."""
     arrays = state["arrays"]
-    current = {f.name for f in dataclasses.fields(self._state) if isinstance(getattr(self._state, f.name), jax.Array)}
+    current = set(self._array_fields())
     if set(arrays) != current:
       raise ConfigError(f"restore: the saved stream has fields {sorted(arrays)}, this session {sorted(current)} "
                         "(a different model or cache kind)")
