@@ -76,6 +76,10 @@ class MemoryBridgeConfig(config_lib.ModelSection):
   # transformer blocks within each frame before segmentation (bidirectional over its tokens, 2D RoPE on (row, col)):
   # lets small details that straddle tubelets (tier b's code patch) be read before the bridge compresses them
   frame_layers: int = 0
+  # learned embeddings of a token's (row, col) in its frame and of its frame's slot in its segment, added to the
+  # tokens: values then carry where a token is (RoPE only shapes attention scores), which reading a motion's
+  # direction needs. Both are bounded by the frame size and model.segment_length, so every one is seen in training
+  position_embed: bool = False
   vocab_size: int = 260
   tubelet: tuple[int, int, int] = (1, 8, 8)  # (frames, height, width) of one video token
   memory_tokens: int = 4  # M: memory tokens carried between segments and written to the bank per segment
@@ -128,6 +132,7 @@ class MemoryBridgeConfig(config_lib.ModelSection):
     need(len(m.tubelet) == 3 and all(isinstance(t, int) and t >= 1 for t in m.tubelet), "model.tubelet",
          m.tubelet, "expected three positive ints (t, h, w)")
     need(isinstance(m.length_scaling, bool), "model.length_scaling", m.length_scaling, "expected true or false")
+    need(isinstance(m.position_embed, bool), "model.position_embed", m.position_embed, "expected true or false")
 
   def validate(self, cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
     """Tubelet vs data shapes, the segment count at this length, and the attention settings this model has no
@@ -243,6 +248,15 @@ class MemoryBridgeLM(nnx.Module):
                                rope_theta=m.rope_theta, rngs=r, **dt),
         m.frame_layers, rngs,
       )
+    self.position_embed = m.position_embed
+    if m.position_embed:
+      _, gh, gw = config_lib.video_grid(cfg)
+      small = nnx.initializers.normal(0.02)
+      self.spatial_embed = nnx.Param(nnx.with_partitioning(small, (None, "embed"))(rngs.params(), (gh * gw, m.embed_dim),
+                                                                                  param_dtype))
+      self.slot_embed = nnx.Param(nnx.with_partitioning(small, (None, "embed"))(rngs.params(),
+                                                                               (m.segment_length, m.embed_dim),
+                                                                               param_dtype))
     self.memory_init = nnx.Param(init(rngs.params(), (m.memory_tokens, m.embed_dim), param_dtype))
     self.bridge = BridgeLayer(m.embed_dim, m.num_heads, m.head_dim, m.bridge_mlp_dim, kernel=a.kernel,
                               rope_theta=m.rope_theta, rngs=rngs, **dt)
@@ -288,6 +302,8 @@ class MemoryBridgeLM(nnx.Module):
     p = gh * gw
     x = self.video_embed(frames)  # [B, T*P, E]
     e = x.shape[-1]
+    if self.position_embed:  # (row, col) within the frame
+      x = (x.reshape(b, t, p, e) + self.spatial_embed[...].astype(x.dtype)).reshape(b, t * p, e)
     if self.frame_layers:  # each frame on its own: [B*T, P, E], positions (0, row, col)
       hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
       fpos = np.stack([np.zeros_like(hh), hh, ww], -1).reshape(p, 3).astype(np.int32)
@@ -301,6 +317,9 @@ class MemoryBridgeLM(nnx.Module):
     table, fmask, valid = self.segments(frames)  # [B, K, L], [B, K, L], [B, K]
     k, seg_len = table.shape[1:]
     tokens = jnp.take_along_axis(x, table.reshape(b, k * seg_len)[:, :, None, None], axis=1)  # [B, K*L, P, E]
+    if self.position_embed:  # the frame's slot within its segment
+      tokens = (tokens.reshape(b, k, seg_len, p, e) + self.slot_embed[...].astype(tokens.dtype)[:, None]).reshape(
+        b, k * seg_len, p, e)
     tokens = constrain(tokens.reshape(b, k, seg_len * p, e), ("batch", None, None, "embed"))
     token_mask = jnp.repeat(fmask, p, axis=2)  # [B, K, L*P]
     jj, hh, ww = np.meshgrid(np.arange(seg_len), np.arange(gh), np.arange(gw), indexing="ij")
