@@ -33,6 +33,7 @@ so does the session.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -111,23 +112,20 @@ class StreamingSession:
       if tokens > cache_spec.max_chunk:
         raise ConfigError(f"stream chunk of {self.chunk} frames ({tokens} tokens) does not fit the {cache_spec.kind} "
                           f"cache's window of {cache_spec.max_chunk} tokens (cache.window); shorten the chunk")
+    if not self.memory_bridge and cache_spec.max_chunk is not None and cache_spec.max_chunk < self.prompt_width:
+      raise ConfigError(f"a question is appended as data.text_len={self.prompt_width} tokens, more than the "
+                        f"{cache_spec.kind} cache's window of {cache_spec.max_chunk} (cache.window); raise the window")
     self._graphdef, self._params = nnx.split(model)
-    self._traced: list[tuple] = []  # chunk shapes the ingest step was compiled for
-    self._ingest = jax.jit(self._ingest_fn, donate_argnums=(1,) if jax.default_backend() != "cpu" else ())
-    self._read = jax.jit(self._read_fn) if self.memory_bridge else None
+    # shared by every session of this model graph: a new session (another stream, a restore) reuses compilations
+    self._ingest, self._traced = _ingest_step(self._graphdef, self.memory_bridge, eviction)
+    self._read = _read_step(self._graphdef) if self.memory_bridge else None
+    self._compiles = 0
     self.frames_ingested = 0
     self.ingest_seconds = 0.0
     self.steady_frames, self.steady_seconds = 0, 0.0  # ingest calls that did not compile
     self.last_ask: dict[str, float] = {}
 
   # ---- ingest -----------------------------------------------------------------------------------------------
-  def _ingest_fn(self, params, state, frames):
-    self._traced.append(tuple(frames.shape))
-    model = nnx.merge(self._graphdef, params)
-    if self.memory_bridge:
-      return memory_stream.ingest(model, state, frames, eviction=self.eviction)
-    return model.extend(frames, state)
-
   def expected_shape(self) -> str:
     lead = "" if self.batch == 1 else f"{self.batch}, "
     return (f"[{lead}F, {self.height}, {self.width}, 3] uint8 with F = {self.chunk} (or, for a video's last chunk, "
@@ -159,11 +157,13 @@ class StreamingSession:
     if len(self._traced) == traced:  # not a compiling call: counts towards the steady-state rate
       self.steady_frames += n
       self.steady_seconds += seconds
+    else:
+      self._compiles += 1
 
   @property
   def compiles(self) -> int:
-    """How many times the ingest step was traced (once per chunk shape)."""
-    return len(self._traced)
+    """How many of this session's ingest calls compiled (once per new chunk shape / state spec)."""
+    return self._compiles
 
   # ---- questions ----------------------------------------------------------------------------------------------
   def _prompt(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -214,10 +214,6 @@ class StreamingSession:
       gen, _ = generate_cached(self.model, self._state, jnp.asarray(prompt), 1, prompt_lengths=lengths)
       np.asarray(gen.tokens)
     return time.perf_counter() - start
-
-  def _read_fn(self, params, state, tokens):
-    model = nnx.merge(self._graphdef, params)
-    return jnp.argmax(memory_stream.read_logits(model, state, tokens), axis=-1).astype(jnp.int32)
 
   def _answer_memory(self, prompt, lengths, n) -> np.ndarray:
     """Greedy decoding with the teacher-forced decoder (`model.read`) on a fixed-width buffer: one compilation;
@@ -295,6 +291,33 @@ class StreamingSession:
       "peak_device_bytes": mem.get("peak_bytes_in_use"), "compiles": self.compiles,
       "kind": "memory_bridge" if self.memory_bridge else self.cache_spec.kind,
     }
+
+
+@functools.cache
+def _ingest_step(graphdef, memory_bridge: bool, eviction: str):
+  """(jitted ingest step, list of traced chunk shapes) for one model graph: state -> state after a chunk. The
+  state is donated on accelerators, so a stream holds one copy of its cache."""
+  traced: list[tuple] = []
+
+  def step(params, state, frames):
+    traced.append(tuple(frames.shape))
+    model = nnx.merge(graphdef, params)
+    if memory_bridge:
+      return memory_stream.ingest(model, state, frames, eviction=eviction)
+    return model.extend(frames, state)
+
+  return jax.jit(step, donate_argnums=(1,) if jax.default_backend() != "cpu" else ()), traced
+
+
+@functools.cache
+def _read_step(graphdef):
+  """Jitted greedy read of a memory-bridge state: tokens [B, W] -> argmax token after each position [B, W]."""
+
+  def read(params, state, tokens):
+    model = nnx.merge(graphdef, params)
+    return jnp.argmax(memory_stream.read_logits(model, state, tokens), axis=-1).astype(jnp.int32)
+
+  return jax.jit(read)
 
 
 def _device_memory() -> dict[str, int]:
