@@ -37,10 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from layers import scan
-from pallas_kernels.layout import MaskSpec
 from vidlm.config import ConfigError
-from vidlm.sharding import constrain
 
 EVICTIONS = ("fifo", "score")
 
@@ -99,24 +96,9 @@ def init_state(model, batch: int, capacity: int, *, frame_shape: tuple[int, int]
 
 
 def frame_tokens(model, frames: jax.Array) -> jax.Array:
-  """frames [B, F, H, W, 3] -> per-frame tokens [B, T, P, E] (tubelet embedding, then the model's per-frame blocks
-  when model.frame_layers > 0), as `MemoryBridgeLM.segment_inputs` computes them before cutting segments."""
-  b, f, h, w, _ = frames.shape
-  tt, th, tw = model.tubelet
-  t, gh, gw = f // tt, h // th, w // tw
-  p = gh * gw
-  x = model.video_embed(frames)  # [B, T*P, E]
-  e = x.shape[-1]
-  if model.frame_layers:
-    hh, ww = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
-    fpos = np.stack([np.zeros_like(hh), hh, ww], -1).reshape(p, 3).astype(np.int32)
-    residual = lambda y: constrain(y, ("batch", None, "embed"))
-
-    def frame_body(block, y):
-      return block(y, fpos, mask=MaskSpec.bidirectional(), constrain=residual)
-
-    x = scan.apply(model.frame_blocks, residual(x.reshape(b * t, p, e)), frame_body, remat="none")
-  return x.reshape(b, t, p, e)
+  """frames [B, F, H, W, 3] -> per-frame tokens [B, T, P, E]: the model's own `MemoryBridgeLM.frame_tokens`
+  (tubelet embedding, (row, col) embedding, per-frame blocks), the tokens `segment_inputs` cuts into segments."""
+  return model.frame_tokens(frames)
 
 
 def _evict_slot(state_bank, count, written, slot_segment, m_new, eviction: str) -> jax.Array:
@@ -148,7 +130,7 @@ def ingest(model, state: MemoryState, frames: jax.Array, *, eviction: str = "fif
   seq_valid = jnp.concatenate([state.tail_valid, jnp.ones((b, t), bool)], axis=1)
   k = t // stride
   idx = np.arange(k)[:, None] * stride + np.arange(length)[None, :]  # [K, L] frames of each segment in seq
-  tokens = seq[:, idx].reshape(b, k, length * p, e)
+  tokens = model.add_slot_embed(seq[:, idx]).reshape(b, k, length * p, e)  # + slot-in-segment embedding
   valid = seq_valid[:, idx].all(-1)  # [B, K]: a segment touching the padding before the stream's start is skipped
   token_mask = jnp.broadcast_to(valid[..., None], (b, k, length * p))
   gh, gw = _grid_hw(model, frames.shape)

@@ -252,11 +252,9 @@ class MemoryBridgeLM(nnx.Module):
     if m.position_embed:
       _, gh, gw = config_lib.video_grid(cfg)
       small = nnx.initializers.normal(0.02)
-      self.spatial_embed = nnx.Param(nnx.with_partitioning(small, (None, "embed"))(rngs.params(), (gh * gw, m.embed_dim),
-                                                                                  param_dtype))
-      self.slot_embed = nnx.Param(nnx.with_partitioning(small, (None, "embed"))(rngs.params(),
-                                                                               (m.segment_length, m.embed_dim),
-                                                                               param_dtype))
+      small = nnx.with_partitioning(small, (None, "embed"))
+      self.spatial_embed = nnx.Param(small(rngs.params(), (gh * gw, m.embed_dim), param_dtype))
+      self.slot_embed = nnx.Param(small(rngs.params(), (m.segment_length, m.embed_dim), param_dtype))
     self.memory_init = nnx.Param(init(rngs.params(), (m.memory_tokens, m.embed_dim), param_dtype))
     self.bridge = BridgeLayer(m.embed_dim, m.num_heads, m.head_dim, m.bridge_mlp_dim, kernel=a.kernel,
                               rope_theta=m.rope_theta, rngs=rngs, **dt)
@@ -293,9 +291,10 @@ class MemoryBridgeLM(nnx.Module):
                               threshold_std=plan.threshold_std)
     return segment_frame_table(ids, count, max_segments=k, frames_per_segment=plan.length)
 
-  def segment_inputs(self, frames: jax.Array) -> tuple[jax.Array, ...]:
-    """frames [B, F, H, W, 3] -> the recurrence's inputs: (initial memory [B, M, E], segment tokens [B, K, L*P, E],
-    token mask [B, K, L*P] bool, segment valid [B, K] bool, within-segment positions [B, K, L*P, 3] int32)."""
+  def frame_tokens(self, frames: jax.Array) -> jax.Array:
+    """frames [B, F, H, W, 3] -> per-frame tokens [B, T, P, E]: tubelet embedding, + (row, col) embedding with
+    `position_embed`, then the per-frame blocks (`frame_layers`). Shared with streaming ingest
+    (vidlm/infer/memory_stream.py), so a stream and a whole video compute the same tokens."""
     b, f, h, w, _ = frames.shape
     tt, th, tw = self.tubelet
     t, gh, gw = f // tt, h // th, w // tw
@@ -313,13 +312,27 @@ class MemoryBridgeLM(nnx.Module):
         return block(y, fpos, mask=MaskSpec.bidirectional(), constrain=residual)
 
       x = scan.apply(self.frame_blocks, residual(x.reshape(b * t, p, e)), frame_body, remat=self.remat)
-    x = constrain(x.reshape(b, t, p, e), ("batch", None, None, "embed"))
+    return constrain(x.reshape(b, t, p, e), ("batch", None, None, "embed"))
+
+  def add_slot_embed(self, tokens: jax.Array) -> jax.Array:
+    """Segment tokens [B, K, L, P, E] + the embedding of each frame's slot in its segment (`position_embed`)."""
+    if not self.position_embed:
+      return tokens
+    return tokens + self.slot_embed[...].astype(tokens.dtype)[:, None]
+
+  def segment_inputs(self, frames: jax.Array) -> tuple[jax.Array, ...]:
+    """frames [B, F, H, W, 3] -> the recurrence's inputs: (initial memory [B, M, E], segment tokens [B, K, L*P, E],
+    token mask [B, K, L*P] bool, segment valid [B, K] bool, within-segment positions [B, K, L*P, 3] int32)."""
+    b, f, h, w, _ = frames.shape
+    tt, th, tw = self.tubelet
+    gh, gw = h // th, w // tw
+    p = gh * gw
+    x = self.frame_tokens(frames)  # [B, T, P, E]
+    e = x.shape[-1]
     table, fmask, valid = self.segments(frames)  # [B, K, L], [B, K, L], [B, K]
     k, seg_len = table.shape[1:]
     tokens = jnp.take_along_axis(x, table.reshape(b, k * seg_len)[:, :, None, None], axis=1)  # [B, K*L, P, E]
-    if self.position_embed:  # the frame's slot within its segment
-      tokens = (tokens.reshape(b, k, seg_len, p, e) + self.slot_embed[...].astype(tokens.dtype)[:, None]).reshape(
-        b, k * seg_len, p, e)
+    tokens = self.add_slot_embed(tokens.reshape(b, k, seg_len, p, e))
     tokens = constrain(tokens.reshape(b, k, seg_len * p, e), ("batch", None, None, "embed"))
     token_mask = jnp.repeat(fmask, p, axis=2)  # [B, K, L*P]
     jj, hh, ww = np.meshgrid(np.arange(seg_len), np.arange(gh), np.arange(gw), indexing="ij")
