@@ -144,7 +144,9 @@ ax0.set_yticks([])
 ax0.set_xticks(np.arange(FRAMES) * SIZE + SIZE / 2, [str(t) for t in range(FRAMES)], fontsize=6)
 ax0.set_title("tier (c) video #1: frames (true cuts red, found boundaries blue)")
 for t in clean["cuts"]:
-  ax0.axvline(t * SIZE - 0.5, color="red", lw=2)
+  ax0.axvline(t * SIZE - 0.5, color="red", lw=3)
+for t in clean["found"]:
+  ax0.axvline(t * SIZE - 0.5, color="blue", lw=1, ls="--")
 gaps = np.arange(FRAMES - 1) + 0.5  # gap i lies between frames i and i+1
 ax1.plot(gaps, clean["sim"], "k.-", label="cosine(frame i, i+1)")
 depth = np.where(np.isfinite(clean["depth"]), clean["depth"], np.nan)
@@ -303,7 +305,7 @@ frame_table, frame_mask, seg_valid = (np.asarray(x[0]) for x in table(model, bat
 needle = exs[0]["needle_frames"]
 needle_segs = [s for s in range(frame_table.shape[0]) if any(t in needle for t in frame_table[s][frame_mask[s]])]
 K, M = frame_table.shape[0], cfg.model.memory_tokens
-# the query that predicts the first answer token: the last position before the first weighted target
+# the query whose logits predict the first answer token: the first position with a weighted target
 q_pos = int(np.argmax(np.asarray(batch["loss_mask"][0]) > 0))
 read_seg = np.asarray(w_read[0, :, :, q_pos, :]).reshape(w_read.shape[1], w_read.shape[2], K, M).sum(-1)  # [L, H, K]
 read_seg_mean = read_seg.mean(axis=(0, 1))  # [K]
@@ -339,7 +341,7 @@ ax1.plot(read_seg_mean, "k.-", lw=2, label="mean")
 for s in needle_segs:
   ax1.axvspan(s - 0.5, s + 0.5, color="red", alpha=0.2)
 ax1.axhline(1 / K, color="grey", ls=":", label="uniform")
-ax1.set_title(f"decoder bank read at the answer's first token (needle segments red), {ATT_FRAMES} frames")
+ax1.set_title(f"decoder read at the first answer token, {ATT_FRAMES} frames (needle: red)")
 ax1.set_xlabel("segment")
 ax1.set_ylabel("attention weight (sum over the segment's M keys)")
 ax1.legend(fontsize=7)
