@@ -46,7 +46,7 @@ def test_every_variant_validates(arg):
     else:
       assert cfg.model.name == "memory_bridge"
       assert cfg.model.segment_mode == ("fixed" if name == "mb_fixed" else "scene")
-      assert cfg.data.tiers == ("a", "b", "c")
+      assert cfg.data.tiers == long_context.memory_bridge_config().data.tiers  # experiments/memory_bridge.py's mix
 
 
 def test_unknown_variant_is_one_line():
