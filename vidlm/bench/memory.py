@@ -164,8 +164,8 @@ def bench_memory_bridge(cfg, args) -> dict:
   spent = 0.0
   for size in args.sizes:
     if rows and spent + size / rows[-1]["frames_per_s"] > args.stream_budget:
-      row = {"frames": size, "result": f"not run: predicted {size / rows[-1]['frames_per_s']:.0f} s at the last "
-             f"size's rate would pass --stream-budget={args.stream_budget:.0f} s"}
+      row = {"frames": size, "result": f"not run: predicted {size / rows[-1]['frames_per_s']:.1f} s at the last "
+             f"size's rate would pass --stream-budget={args.stream_budget:g} s"}
       rows.append(row)
       _emit({"memory_bridge": row})
       continue
@@ -294,10 +294,11 @@ def table(result: dict) -> str:
   mb, dense = result["memory_bridge"], result.get("dense") or {"trials": [], "params": 0}
   est = {t["frames"]: t for t in dense["trials"]}
   ran = [r for r in mb["rows"] if "frames_per_s" in r]
+  dense_params = dense["params"]
   first_peak = ran[0]["peak_gib"] if ran else None
   lines = [
     f"memory bridge {mb['params'] / 1e6:,.1f}M params (ingest path {mb['ingest_params'] / 1e6:,.1f}M), dense VideoLM "
-    f"{dense['params'] / 1e6:,.1f}M; random weights, {result['dtype']}, {result['tokens_per_frame']} tokens/frame, "
+    f"{f'{dense_params / 1e6:,.1f}M' if dense_params else 'skipped'}; random weights, {result['dtype']}, {result['tokens_per_frame']} tokens/frame, "
     f"bank bounded to {result['capacity']} segments (FIFO); peak = process peak after each size (increasing order)",
     f"{'frames':>7} {'MB fps':>8} {'MB peak GiB':>12} {'/first':>7} {'bank unbounded GiB':>19} "
     f"{'dense est GiB':>14} {'dense fits':>11} {'dense/MB':>9}",
