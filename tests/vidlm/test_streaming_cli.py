@@ -116,3 +116,16 @@ def test_bench_stream_tiny_cpu(tmp_path):
     stream.main(["--size", "tiny", "--chunk", "8", "--window-frames", "4"])
   with pytest.raises(ConfigError, match="--kinds 'nope'"):
     stream.main(["--size", "tiny", "--kinds", "nope"])
+
+
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_streaming_sweep_variants_validate(arg):
+  from vidlm import sweep
+
+  spec = str(ROOT / "experiments" / "ablations" / "streaming.py") + (f":{arg}" if arg else "")
+  variants = sweep.load_sweep(spec)
+  assert list(variants) == ["dense", "dense_random", "memory_bridge"]
+  for name, overrides in variants.items():
+    cfg = sweep.check_variant(spec, name, sweep.variant_args([], overrides))  # raises ConfigError if rejected
+    assert cfg.eval.evaluators == ("niavh_stream",) and cfg.eval.tiers == ("a",)
+    assert cfg.model.name == ("memory_bridge" if name == "memory_bridge" else "video_lm")

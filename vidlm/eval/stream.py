@@ -2,13 +2,14 @@
 
 For each tier in `eval.tiers` and each multiplier in `eval.length_multipliers`, `eval.seeds` procedural streams of
 multiplier x data.frames frames (`vidlm.infer.frame_source.procedural_frames`, stream i = index i) carry one needle
-EARLY (at frame data.frames // 2, inside the first training-length window); they are ingested chunk by chunk
-(data.frames frames a chunk) through a `StreamingSession`, all streams of a cell as the rows of one batch, and the
-needle question is asked once, at the end. Exact match of the greedy answer, as `niavh`.
+EARLY (at frame data.frames // 2, inside the first training-length window); they are ingested in chunks of
+2 x data.frames frames through a `StreamingSession`, all streams of a cell as the rows of one batch, and the needle
+question is asked once, at the end. Exact match of the greedy answer, as `niavh`.
 
 Streamed into: every KV cache kind for a VideoLM (`vidlm.infer.streaming.default_cache_spec`: sinks = the first
-frame, window = 2x the training length, retrieval blocks of one frame with a store holding the longest stream
-evaluated, top 4 blocks), and the memory-bridge state (bank of `STREAM_BANK` segments, FIFO) for MemoryBridgeLM.
+frame, window = 2x the training length, retrieval blocks of one frame with a store as long as the stream, top 4
+blocks; the full cache has room for exactly the stream and the question), and the memory-bridge state (a bank of
+`STREAM_BANK` segments, FIFO) for MemoryBridgeLM.
 Per cell it records accuracy, the steady-state ingest frames/s (compiling calls excluded), the stream state's
 bytes (fixed by construction) and the device's peak memory (None on CPU), in `<workdir>/eval/niavh_stream.json`.
 """
@@ -40,9 +41,8 @@ def niavh_stream(ctx: EvalContext) -> dict:
 
   cfg = ctx.cfg
   model = ctx.trainer.model
-  train_frames, chunk = cfg.data.frames, cfg.data.frames
+  train_frames = cfg.data.frames
   mults = tuple(cfg.eval.length_multipliers)
-  longest = train_frames * max(mults)
   seeds = int(cfg.eval.seeds)
   kinds = ("memory_bridge",) if is_memory_bridge(model) else ("full", "sink_window", "block_retrieval")
   cells, accuracy = [], {}
@@ -50,8 +50,9 @@ def niavh_stream(ctx: EvalContext) -> dict:
     for tier in cfg.eval.tiers:
       for mult in mults:
         frames = train_frames * mult
+        chunk = min(2 * train_frames, frames)  # = the evicting caches' window: half the appends of 1x chunks
         streams = _streams(cfg, frames, tier, seeds, chunk)
-        spec = None if kind == "memory_bridge" else default_cache_spec(cfg, kind, max_frames=longest, chunk=chunk)
+        spec = None if kind == "memory_bridge" else default_cache_spec(cfg, kind, max_frames=frames, chunk=chunk)
         session = StreamingSession(model, cfg, cache_spec=spec, batch=seeds, chunk=chunk, memory_capacity=STREAM_BANK)
         start = time.perf_counter()
         for rows in zip(*streams):
@@ -61,7 +62,7 @@ def niavh_stream(ctx: EvalContext) -> dict:
         st = session.stats()
         cell = {
           "kind": kind, "tier": tier, "multiplier": mult, "frames": frames, "needle_frame": streams[0].needle_frame,
-          "accuracy": float(np.mean(correct)), "answers": answers, "expected": [s.answer for s in streams],
+          "chunk": chunk, "accuracy": float(np.mean(correct)), "answers": answers, "expected": [s.answer for s in streams],
           "frames_per_s_per_stream": st["frames_per_s"], "streams": seeds,
           "state_bytes": st["state_bytes"], "peak_device_bytes": st["peak_device_bytes"],
           "ask_seconds": session.last_ask.get("seconds"), "wall_seconds": time.perf_counter() - start,
@@ -72,7 +73,7 @@ def niavh_stream(ctx: EvalContext) -> dict:
         print(f"niavh_stream {kind} tier {tier} {mult}x ({frames} frames): accuracy {cell['accuracy']:.2f}, "
               f"{(st['frames_per_s'] or 0):.1f} frames/s x {seeds} streams, state {st['state_bytes'] / 2**20:.2f} MiB",
               flush=True)
-  result = {"cells": cells, "accuracy": accuracy, "train_frames": train_frames, "chunk": chunk}
+  result = {"cells": cells, "accuracy": accuracy, "train_frames": train_frames}
   if ctx.is_main:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     (ctx.out_dir / "niavh_stream.json").write_text(json.dumps(result, indent=1))
