@@ -410,19 +410,21 @@ class MemoryBridgeLM(nnx.Module):
     cache = KVCache.init(b, p + max_new_tokens, self.num_heads, self.head_dim, num_layers=self.decoder_layers,
                          dtype=self.dtype, mask=MaskSpec.causal())
     pos = jnp.broadcast_to(rope_lib.text_positions(0, p), (b, p, 3))
-    cache = cache.record(pos, jnp.broadcast_to(jnp.arange(p), (b, p)))
-    logits, cache = self._decode_text(prompt, pos, bank, bank_valid, cache=cache)
     lengths = p if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
-    return logits, MemoryCache(cache.advance(lengths), bank, bank_valid)
+    # the padding of short prompts is written but not counted: the next token goes to (and is positioned at) the
+    # row's own prompt length
+    cache = cache.record(pos, jnp.broadcast_to(jnp.arange(p), (b, p)), lengths).sharded()
+    logits, cache = self._decode_text(prompt, pos, bank, bank_valid, cache=cache)
+    return logits, MemoryCache(cache.advance(), bank, bank_valid)
 
   def decode_step(self, token: jax.Array, cache: MemoryCache) -> tuple[jax.Array, MemoryCache]:
     """token int32 [B] (or [B, 1]) appended at each row's next text position -> (logits float32 [B, V], cache)."""
     token = token.reshape(-1, 1)
     kv = cache.kv
     pos = kv.next_position()[:, None]  # [B, 1, 3]
-    kv = kv.record(pos, kv.next_seq_index()[:, None])
+    kv = kv.record(pos, kv.next_seq_index()[:, None]).sharded()
     logits, kv = self._decode_text(token, pos, cache.bank, cache.bank_valid, cache=kv, decode=True)
-    return logits[:, 0], dataclasses.replace(cache, kv=kv.advance(kv.length + 1))
+    return logits[:, 0], dataclasses.replace(cache, kv=kv.advance())
 
   def loss(self, batch: dict[str, jax.Array], *, per_example: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked next-token cross-entropy on the answer tokens (`losses.answer_loss`). Reads frames and the text
