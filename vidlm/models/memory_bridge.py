@@ -19,6 +19,8 @@ Length-free by design, so a model trained on 8-frame videos runs on 1,000-frame 
     that wins over a training video's keys keeps winning over 32x more keys of the same kind.
   * overlapping fixed segments (stride < length) keep every short event (the 3-frame motion needle of tier c)
     whole inside one segment, where the bridge sees its frames in order.
+  * what a token may know of where it is is bounded by the frame and the segment: optional per-frame blocks
+    (`frame_layers`) and learned (row, col) / slot-in-segment embeddings (`position_embed`), all seen in training.
 
 Generation: `prefill` encodes the video once and runs the prompt through the decoder into a KV cache over the
 text; `decode_step` appends a token. The bank rides beside the text cache (`MemoryCache`), so greedy decoding
