@@ -9,7 +9,15 @@ Command:  vidlm sweep --config experiments/ablations/long_context.py --workdir r
 Hardware: any CPU (see above for 128x). Every variant trains from scratch, then is evaluated on NIAVH.
 Expected: the dense baseline answers ~100 % at 1x and ~0 beyond (its text and frame positions past 8 frames
           were never trained); the question is which trick changes that (no expectation asserted: this is what
-          the sweep measures; the README's long-context section has the measured table).
+          the sweep measures). Measured 2026-11-30 (README, "Ablation: length generalisation"; CPU sweep at
+          1x/2x/8x/32x, 128x from the same checkpoints on one H200), NIAVH tier (a), 12 examples a length:
+            dense              100 / 0 / 0 / 0 / 0 %      (1x / 2x / 8x / 32x / 128x)
+            dense_random        33 / 17 / 0 / 8 / 0 %     (task half learnt at 120 steps)
+            dense_shift        100 / 42 / 75 / 8 / 0 %
+            dense_interp       100 / 100 / 100 / 100 / 50 %   (76 % at 128x, 50 % at 256x over 50 examples)
+            dense_long           100 / 0 / 0 / 0 / 8 %
+            dense_random_long   92 / 75 / 83 / 83 % (128x: see the README)
+          tiers (b) and (c): 0 % for every variant (never trained by the demo recipe).
 Variant:  :smoke, a seconds-long version of the same sweep (4 steps, lengths 1x and 2x, tier a; no accuracy
           expectation), to check the path (tests/vidlm/test_ablation_long_context.py validates every variant).
 
