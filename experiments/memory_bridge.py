@@ -7,10 +7,10 @@ Hardware: any CPU; sized for ~3-4 minutes of training on 2 quiet cores (the demo
 Variant:  :smoke, a seconds-long run of the same path for tests.
 Measured (2026-11-30, this config, 400 steps; shared 2-core CPU at load average ~12-13, so 950 s train wall; NIAVH
           5 depths x 10 seeds per cell, niavh_scoring=both: greedy decoding agreed with teacher forcing on every example):
-            tier   1x (8 f)   8x (64 f)   32x (256 f)   128x (1024 f)
-            a      100 %      100 %       100 %         see below
-            b        4 %        0 %         0 %
-            c       56 %       46 %        52 %         (chance: 50 %)
+            tier   1x (8 f)   8x (64 f)   32x (256 f)   128x (1024 f, 511 segments; teacher-forced only)
+            a      100 %      100 %       100 %         100 %
+            b        4 %        0 %         0 %         -
+            c       56 %       46 %        52 %         -   (chance: 50 %)
           Tier (a) meets its targets (>= 90 % at 8x, >= 95 % at 32x). Tiers (b) and (c) miss theirs (>= 80 %): in this
           budget the model does not learn to read the 1-px 3x5 digits of (b)'s patch, nor (c)'s motion direction
           (at chance at every length), so what is missing is reading, not length generalisation.
