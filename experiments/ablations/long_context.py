@@ -16,7 +16,7 @@ Expected: the dense baseline answers ~100 % at 1x and ~0 beyond (its text and fr
             dense_shift        100 / 42 / 75 / 8 / 0 %
             dense_interp       100 / 100 / 100 / 100 / 50 %   (76 % at 128x, 50 % at 256x over 50 examples)
             dense_long           100 / 0 / 0 / 0 / 8 %
-            dense_random_long   92 / 75 / 83 / 83 % (128x: see the README)
+            dense_random_long   92 / 75 / 83 / 83 %, 128x 3 of 3 (CPU, 3 examples only)
           tiers (b) and (c): 0 % for every variant (never trained by the demo recipe).
 Variant:  :smoke, a seconds-long version of the same sweep (4 steps, lengths 1x and 2x, tier a; no accuracy
           expectation), to check the path (tests/vidlm/test_ablation_long_context.py validates every variant).
