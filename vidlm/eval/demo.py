@@ -144,24 +144,21 @@ def format_side_by_side(runs: dict[str, dict]) -> str:
 
 
 def plot_side_by_side(path: Path, runs: dict[str, dict]) -> Path | None:
-  """Accuracy vs video length (frames), one line per (model, tier)."""
+  """Accuracy vs video length (frames), one line per (model, tier), each on its own run's length grid."""
   from vidlm.eval import plotting  # noqa: PLC0415
 
-  series, xs, train_frames = {}, None, None
+  series, train_frames = {}, None
   for name, res in runs.items():
     nv = res.get("niavh")
     if not nv:
       continue
     frames = [x["frames"] for x in nv["lengths"]]
-    xs = xs or frames
-    if frames != xs:  # different grids: plot on the common lengths only
-      continue
     train_frames = nv["protocol"]["train_frames"]
     for tier, r in nv["tiers"].items():
-      series[f"{name} ({tier})"] = r["mean_by_length"]
+      series[f"{name} ({tier})"] = (frames, r["mean_by_length"])
   if not series:
     return None
-  return plotting.line_plot(path, xs, series, xlabel="video length (frames)", ylabel="NIAVH exact match",
+  return plotting.line_plot(path, [], series, xlabel="video length (frames)", ylabel="NIAVH exact match",
                             title="Accuracy vs video length", mark_x=train_frames)
 
 

@@ -60,7 +60,7 @@ def heatmap(
 def line_plot(
   path: str | Path,
   x: Sequence[float],
-  series: dict[str, Sequence[float]],
+  series: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
   *,
   xlabel: str,
   ylabel: str,
@@ -69,11 +69,18 @@ def line_plot(
   mark_label: str = "training length",
   logx: bool = True,
 ) -> Path:
-  """Write one or more y(x) lines; `mark_x` draws a dashed vertical line (e.g. the training length)."""
+  """Write one or more y(x) lines; `mark_x` draws a dashed vertical line (e.g. the training length). A series given
+  as (xs, ys) has its own x values (runs evaluated on different grids); the ticks are the union."""
   fig = _figure((5.5, 3.6))
   ax = fig.subplots()
+  ticks = set(x)
   for name, ys in series.items():
-    ax.plot(list(x), list(ys), marker="o", label=name)
+    xs = x
+    if isinstance(ys, tuple) and len(ys) == 2:
+      xs, ys = ys
+      ticks |= set(xs)
+    ax.plot(list(xs), list(ys), marker="o", label=name)
+  x = sorted(ticks)
   if logx:
     ax.set_xscale("log", base=2)
   if mark_x is not None:
