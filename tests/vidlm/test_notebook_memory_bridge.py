@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "memory_bridge.py"
 
 
+pytestmark = pytest.mark.xdist_group("notebook_memory_bridge")  # one worker runs the module fixture once
+
 @pytest.fixture(scope="module")
 def results() -> dict:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}

@@ -30,9 +30,9 @@ def _run(path: Path, cwd: Path) -> dict:
 def test_only_known_notebooks():
   """A new notebook needs its own value checks here, not just a run."""
   # sparse_attention.py: its checks are in tests/vidlm/test_notebook_sparse.py; memory_bridge.py: in
-  # tests/vidlm/test_notebook_memory_bridge.py
+  # tests/vidlm/test_notebook_memory_bridge.py; streaming.py: in tests/vidlm/test_notebook_streaming.py
   assert sorted(p.name for p in (ROOT / "notebooks").glob("*.py")) == [
-    "memory_bridge.py", "quickstart.py", "sparse_attention.py"]
+    "memory_bridge.py", "quickstart.py", "sparse_attention.py", "streaming.py"]
 
 
 @pytest.mark.parametrize("where", ["root", "notebooks"])

@@ -50,6 +50,8 @@ def _write_mp4(path, n: int = 24, corrupt: bool = False) -> None:
     path.write_bytes(bytes(data))
 
 
+pytestmark = pytest.mark.xdist_group("streaming_cli")  # one worker runs the module fixture once
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
   workdir = tmp_path_factory.mktemp("stream") / "smoke"
