@@ -45,7 +45,7 @@ def get_config(arg: str | None = None) -> Config:
   cfg.checkpoint.every = 100
   e = cfg.eval
   e.evaluators = ("loss", "niavh")
-  e.length_multipliers, e.depths, e.seeds, e.tiers = (1, 2, 4, 8, 32), (0.0, 0.25, 0.5, 0.75, 1.0), 10, ("a", "b", "c")
+  e.length_multipliers, e.depths, e.seeds, e.tiers = (1, 8, 32), (0.0, 0.25, 0.5, 0.75, 1.0), 10, ("a", "b", "c")
   e.batch_size, e.batches = 16, 4
   if arg == "smoke":  # seconds-long variant for tests
     t.steps, t.batch_size, t.log_every, t.warmup_steps, d.num_train, d.num_eval = 4, 8, 1, 1, 64, 16
