@@ -39,6 +39,56 @@ def _produce(n_steps, msteps: int, issue, consumed):
     plgpu.barrier_wait(consumed.at[lax.rem(i, jnp.int32(msteps))])
 
 
+def dq_scratch(dtype, *, cw, bq, bk, d, msteps, has_seg, n_row_copies):
+  """Scratch of a dQ kernel (dense or block-sparse): per consumer its q / dO rows, lse, delta (+ q segment ids),
+  an `msteps`-slot K / V ring (+ kv segment ids), their barriers and the ring's "consumed" barrier."""
+  tiling = _tiling(dtype)
+  smem = (
+    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
+    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
+    plgpu.SMEM((cw, bq), jnp.float32),
+    plgpu.SMEM((cw, bq), jnp.float32),
+    plgpu.SMEM((cw, bq), jnp.int32) if has_seg else None,
+    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
+    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
+    plgpu.SMEM((msteps, bk), jnp.int32) if has_seg else None,
+  )
+  bars = (
+    plgpu.Barrier(num_barriers=cw * n_row_copies),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
+  )
+  return smem, bars, plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
+
+
+def dkv_scratch(dtype, *, cw, bq, bk, d, msteps, has_seg, n_row_copies, extra_smem=()):
+  """Scratch of a dK/dV kernel (dense or block-sparse): per consumer its K / V rows (+ kv segment ids), an
+  `msteps`-slot ring of q / dO / lse / delta (+ q segment ids), their barriers and the ring's "consumed" barrier.
+  `extra_smem` is appended to the SMEM tuple (the sparse kernel's fp32 staging of split partials)."""
+  tiling = _tiling(dtype)
+  smem = (
+    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
+    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
+    plgpu.SMEM((cw, bk), jnp.int32) if has_seg else None,
+    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
+    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
+    plgpu.SMEM((msteps, bq), jnp.float32),
+    plgpu.SMEM((msteps, bq), jnp.float32),
+    plgpu.SMEM((msteps, bq), jnp.int32) if has_seg else None,
+    *extra_smem,
+  )
+  bars = (
+    plgpu.Barrier(num_barriers=cw * n_row_copies),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps),
+    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
+  )
+  return smem, bars, plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
+
+
 def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpret):
   """dQ [B, T, Hq, D]: one CTA per (head, cw*block_q rows, batch); the producer streams K/V tiles."""
   b, t, hq, d = q.shape
@@ -172,24 +222,8 @@ def _dq_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpr
 
       _produce(n_steps, msteps, issue, consumed)
 
-  tiling = _tiling(dtype)
-  smem = (
-    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bq), jnp.float32),
-    plgpu.SMEM((cw, bq), jnp.float32),
-    plgpu.SMEM((cw, bq), jnp.int32) if has_seg else None,
-    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bk), jnp.int32) if has_seg else None,
-  )
-  bars = (
-    plgpu.Barrier(num_barriers=cw * n_row_copies),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
-  )
-  consumed = plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
+  smem, bars, consumed = dq_scratch(dtype, cw=cw, bq=bq, bk=bk, d=d, msteps=msteps, has_seg=has_seg,
+                                    n_row_copies=n_row_copies)
   args = (q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
   return plgpu.kernel(
     kernel,
@@ -368,26 +402,8 @@ def _dkv_call(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interp
 
       _produce(n_steps, msteps, issue, consumed)
 
-  tiling = _tiling(dtype)
-  smem = (
-    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bk), jnp.int32) if has_seg else None,
-    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bq), jnp.float32),
-    plgpu.SMEM((msteps, bq), jnp.float32),
-    plgpu.SMEM((msteps, bq), jnp.int32) if has_seg else None,
-  )
-  bars = (
-    plgpu.Barrier(num_barriers=cw * n_row_copies),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
-  )
-  consumed = plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
+  smem, bars, consumed = dkv_scratch(dtype, cw=cw, bq=bq, bk=bk, d=d, msteps=msteps, has_seg=has_seg,
+                                     n_row_copies=n_row_copies)
   args = (q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
   out_type = tuple(jax.ShapeDtypeStruct(k.shape, dtype) for _ in parts)
   outs = plgpu.kernel(

@@ -25,8 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import sparse_schedule
-from pallas_kernels.gpu.backward import _produce
-from pallas_kernels.gpu.common import _LOG2E, _acc_mm, _element_mask, _params, _tiling
+from pallas_kernels.gpu.backward import _produce, dkv_scratch, dq_scratch
+from pallas_kernels.gpu.common import _LOG2E, _acc_mm, _element_mask, _params
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
 _T = 64  # rows of every sub-tile (q and kv) in the backward kernels
@@ -147,24 +147,8 @@ def _dq_call(lists, shp, q, k, v, do, lse2, delta, segment_ids, *, mask, scale, 
 
       _produce(n_entries * r, msteps, issue, consumed)
 
-  tiling = _tiling(dtype)
-  smem = (
-    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bq), jnp.float32),
-    plgpu.SMEM((cw, bq), jnp.float32),
-    plgpu.SMEM((cw, bq), jnp.int32) if has_seg else None,
-    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bk), jnp.int32) if has_seg else None,
-  )
-  bars = (
-    plgpu.Barrier(num_barriers=cw * n_row_copies),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
-  )
-  consumed = plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
+  smem, bars, consumed = dq_scratch(dtype, cw=cw, bq=bq, bk=bk, d=d, msteps=msteps, has_seg=has_seg,
+                                    n_row_copies=n_row_copies)
   args = (fidx, fcnt, ffull, q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
   return plgpu.kernel(
     kernel,
@@ -366,27 +350,10 @@ def _dkv_call(lists, items, shp, q, k, v, do, lse2, delta, segment_ids, *, mask,
       def _(i):
         plgpu.barrier_wait(consumed.at[lax.rem(i, jnp.int32(msteps))])
 
-  tiling = _tiling(dtype)
-  smem = (
-    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bk, d), dtype, transforms=tiling),
-    plgpu.SMEM((cw, bk), jnp.int32) if has_seg else None,
-    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bq, d), dtype, transforms=tiling),
-    plgpu.SMEM((msteps, bq), jnp.float32),
-    plgpu.SMEM((msteps, bq), jnp.float32),
-    plgpu.SMEM((msteps, bq), jnp.int32) if has_seg else None,
-    plgpu.SMEM((cw, bk, d), jnp.float32),  # fp32 staging of a split item's partials
+  smem, bars, consumed = dkv_scratch(
+    dtype, cw=cw, bq=bq, bk=bk, d=d, msteps=msteps, has_seg=has_seg, n_row_copies=n_row_copies,
+    extra_smem=(plgpu.SMEM((cw, bk, d), jnp.float32),),  # fp32 staging of a split item's partials
   )
-  bars = (
-    plgpu.Barrier(num_barriers=cw * n_row_copies),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps),
-    plgpu.Barrier(num_barriers=msteps) if has_seg else None,
-  )
-  consumed = plgpu.Barrier(num_arrivals=cw, num_barriers=msteps)
   args = (items, tidx, tstart, tmid, q, k, v, do, lse2, delta) + (tuple(segment_ids) if has_seg else ())
   part = jax.ShapeDtypeStruct((b, hkv, n_slots, shp.block_kv, d), jnp.float32)
   return plgpu.kernel(
