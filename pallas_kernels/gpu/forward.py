@@ -24,6 +24,20 @@ from pallas_kernels.gpu.common import (
 from pallas_kernels.layout import MaskSpec
 
 
+def write_out_lse(acc, m_i, l_i, qo_smem, lse_smem, out_gmem, lse_gmem, dtype):
+  """Forward epilogue (dense and block-sparse kernels): normalise the fp32 accumulator by the row sums, write the
+  output rows and their lse (base e; -inf and zeros for a row that saw no key) through SMEM to GMEM."""
+  empty = l_i == 0.0
+  inv = 1.0 / jnp.where(empty, 1.0, l_i)
+  acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+  qo_smem[...] = acc.astype(dtype)
+  lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(jnp.where(empty, 1.0, l_i)))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(qo_smem, out_gmem)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def flash_forward(q, k, v, segment_ids, *, mask: MaskSpec, scale: float, interpret=False, config=None):
   """out [B, T, Hq, D] (q.dtype), lse [B, Hq, T] float32 (natural log; -inf for fully masked rows)."""
   b, t, hq, d = q.shape
@@ -182,15 +196,8 @@ def flash_forward(q, k, v, segment_ids, *, mask: MaskSpec, scale: float, interpr
       acc, m_i, l_i = carry
       pl.when(wg == 0)(sched_sync)
 
-      empty = l_i == 0.0
-      inv = 1.0 / jnp.where(empty, 1.0, l_i)
-      acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-      qo_smem[...] = acc.astype(dtype)
-      lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(jnp.where(empty, 1.0, l_i)))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q0, bq), h])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, h, pl.ds(q0, bq)])
-      plgpu.wait_smem_to_gmem(0)
+      write_out_lse(acc, m_i, l_i, qo_smem, lse_smem, out_ref.at[bi, pl.ds(q0, bq), h],
+                    lse_ref.at[bi, h, pl.ds(q0, bq)], dtype)
 
     @pl.when(wg == 2)
     def _producer():

@@ -19,7 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import sparse_schedule
-from pallas_kernels.gpu.common import _LN2, _LOG2E, _acc_mm, _element_mask, _params, _tiling
+from pallas_kernels.gpu.common import _LOG2E, _acc_mm, _element_mask, _params, _tiling
+from pallas_kernels.gpu.forward import write_out_lse
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
 _BQ = sparse_schedule.SPARSE_BLOCK_Q // 2  # rows per consumer warpgroup
@@ -169,15 +170,8 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
       acc, m_i, l_i = carry
       pl.when(wg == 0)(sched_sync)
 
-      empty = l_i == 0.0
-      inv = 1.0 / jnp.where(empty, 1.0, l_i)
-      acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-      qo_smem[...] = acc.astype(dtype)
-      lse_smem[...] = jnp.where(empty, -jnp.inf, m_i * _LN2 + jnp.log(jnp.where(empty, 1.0, l_i)))
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q0, bq), h])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, h, pl.ds(q0, bq)])
-      plgpu.wait_smem_to_gmem(0)
+      write_out_lse(acc, m_i, l_i, qo_smem, lse_smem, out_ref.at[bi, pl.ds(q0, bq), h],
+                    lse_ref.at[bi, h, pl.ds(q0, bq)], dtype)
 
     @pl.when(wg == 2)
     def _producer():
