@@ -79,6 +79,21 @@ class BridgeLayer(nnx.Module):
     return out[:, :m], out[:, m:]
 
 
+def cross_attention_projections(embed_dim, num_heads, head_dim, *, dtype, param_dtype, rngs: nnx.Rngs):
+  """The q, k, v ([E] -> [H, D]) and o ([H, D] -> [E]) projections of a cross-attention without bias or RoPE
+  (the retriever and the decoder's bank reader), sharded by the rules table's embed / heads / head_dim names."""
+  init = nnx.initializers.lecun_normal()
+
+  def dense(din, dout, names):
+    return nnx.LinearGeneral(
+      din, dout, axis=-1 if isinstance(din, int) else (-2, -1), use_bias=False, dtype=dtype,
+      param_dtype=param_dtype, kernel_init=nnx.with_partitioning(init, names), rngs=rngs,
+    )
+
+  qkv = [dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim")) for _ in range(3)]
+  return (*qkv, dense((num_heads, head_dim), embed_dim, ("heads", "head_dim", "embed")))
+
+
 class Retriever(nnx.Module):
   """Cross-attention of the memory onto the cache of memories: (memory [B, M, E], cache [B, S, M, E], count [B])
   -> [B, M, E]. Slots >= count are masked (static S; their contents never matter). No positions: the read is
@@ -89,18 +104,9 @@ class Retriever(nnx.Module):
     dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
   ):
     self.kernel, self.dtype = kernel, dtype
-    init = nnx.initializers.lecun_normal()
-
-    def dense(din, dout, names):
-      return nnx.LinearGeneral(
-        din, dout, axis=-1 if isinstance(din, int) else (-2, -1), use_bias=False, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=nnx.with_partitioning(init, names), rngs=rngs,
-      )
-
-    self.q_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.k_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.v_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.o_proj = dense((num_heads, head_dim), embed_dim, ("heads", "head_dim", "embed"))
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = cross_attention_projections(
+      embed_dim, num_heads, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.norm = _layer_norm(embed_dim, ln_eps, rngs)
 
   def __call__(self, memory: jax.Array, cache: jax.Array, count: jax.Array) -> jax.Array:

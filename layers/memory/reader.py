@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.attention import Kernel, attention
+from layers.memory.bridge import cross_attention_projections
 from pallas_kernels.layout import MaskSpec
 
 
@@ -32,18 +33,9 @@ class MemoryReader(nnx.Module):
   ):
     self.kernel, self.dtype, self.length_scaling = kernel, dtype, length_scaling
     self.log_ref = math.log(max(int(reference_keys), 2))
-    init = nnx.initializers.lecun_normal()
-
-    def dense(din, dout, names):
-      return nnx.LinearGeneral(
-        din, dout, axis=-1 if isinstance(din, int) else (-2, -1), use_bias=False, dtype=dtype,
-        param_dtype=param_dtype, kernel_init=nnx.with_partitioning(init, names), rngs=rngs,
-      )
-
-    self.q_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.k_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.v_proj = dense(embed_dim, (num_heads, head_dim), ("embed", "heads", "head_dim"))
-    self.o_proj = dense((num_heads, head_dim), embed_dim, ("heads", "head_dim", "embed"))
+    self.q_proj, self.k_proj, self.v_proj, self.o_proj = cross_attention_projections(
+      embed_dim, num_heads, head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array, bank: jax.Array, bank_valid: jax.Array) -> jax.Array:
     bank = jnp.where(bank_valid[..., None], bank, 0).astype(self.dtype)
