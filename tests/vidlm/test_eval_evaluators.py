@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import sys
 
 import jax
 import numpy as np
@@ -73,6 +74,16 @@ def test_restored_state_equals_trained_state(trained, tmp_path):
   assert restore_checkpoint(t2, other, tmp_path / "elsewhere")[0] == cfg.train.steps
   for a, b in zip(leaves1, jax.tree.leaves(jax.device_get(t2.state))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_eval_only_restore_works_without_grain(trained, monkeypatch, tmp_path):
+  """The GPU image has no grain: restoring parameters for eval (no data iterator) must not import it."""
+  cfg, workdir, _ = trained
+  monkeypatch.setitem(sys.modules, "grain", None)  # any `import grain` now raises ImportError
+  with pytest.raises(ImportError):
+    import grain  # noqa: F401
+  trainer = Trainer(cfg, tmp_path)
+  assert restore_checkpoint(trainer, cfg, workdir)[0] == cfg.train.steps
 
 
 def test_niavh_schema_and_heatmaps(trained):

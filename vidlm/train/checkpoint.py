@@ -172,7 +172,6 @@ class Checkpointer:
 
   def _try_restore(self, s: int, target, data_iter):
     """(restored, None) | (None, reason str: unreadable) | (None, [differing leaves]: shape mismatch)."""
-    _, restore_iter = _grain_args()
     reader = ocp.StandardCheckpointHandler()
     try:
       stored = reader.metadata(self.directory / str(s) / "state")
@@ -186,7 +185,8 @@ class Checkpointer:
     if mismatch:
       return None, mismatch
     items = {"state": ocp.args.StandardRestore(target)}
-    if data_iter is not None:
+    if data_iter is not None:  # grain only here: an eval-only restore (no data iterator) must work without it
+      _, restore_iter = _grain_args()
       items["data_iter"] = restore_iter(data_iter)
     try:
       return self.manager.restore(s, args=ocp.args.Composite(**items)), None
