@@ -18,8 +18,28 @@ Fields (a model's stacked cache has a leading [L] on the per-layer arrays, one s
   frames        int32 [B]             video frames (tubelet rows of t) appended so far: the next frame's t
   visible       bool [B, S + M]       which buffer and store slots the append in progress may see (set by
                 `record` from the state BEFORE the append, so every token of a chunk sees the same past)
+  text/store_text  bool [B, S'] / [B, M']  whether a buffer / store slot holds a text token (spec.remaps only;
+                else S' = M' = 0): text moves along all three RoPE axes, video along t only
+  context_seq/context_text  [B, (S + M)']  seq_index / text of each buffer and store slot BEFORE the append in
+                progress (spec.remaps only; `record` overwrites the slots the chunk takes, `context` needs the old)
 Static: spec (a `CacheSpec`), mask (the rule on seq_index, a `MaskSpec`), frame_shape ((H, W) of a stream's
-frames, checked on every chunk; None for a prefill cache).
+frames, checked on every chunk; None for a prefill cache), rope_theta (the model's, to re-rotate keys).
+
+RoPE positions (`spec.rope_positions`). Keys are always stored rotated by their TRUE positions.
+  "true":  they are attended as stored: a query far into a stream sees its sinks and retrieved blocks at their
+           true (large) distance.
+  "cache": (evicting kinds; StreamingLLM, ReKV's "contiguous RoPE") positions within the cache. The context an
+           append attends is a set of groups (a group = one seq_index: one frame of a stream, or one text token;
+           stream caches number them 0, 1, 2, ... in order). Every group missing from the context (evicted and not
+           retrieved) is cut out of the timeline: a token whose group has S missing groups before it moves back by
+           S, along t for a video token and along all three axes for a text token (which sits at (p, p, p)). So
+           sinks, the retrieved blocks (in time order), the window and the chunk read as one contiguous video
+           followed by text, as long as the training videos were; when nothing is missing every shift is 0 and the
+           logits are those of "true" exactly. Implemented by re-rotating each context key by
+           (shift of the chunk) - (shift of the key) (RoPE is relative: the queries stay at their true positions),
+           per kv head when retrieval picks per kv head. Assumes stream caches (`VideoLM.init_cache`: groups
+           counted from 0 without gaps); a text chunk's tokens are recognised by `record(..., text=True)`, or by
+           t == h == w when not told.
 
 Visibility: the tokens of one append see (a) the cache's past slots that are `visible` (filled, and allowed by
 `mask.allowed(next_index, seq_index)`: everything earlier under a causal or frame-causal rule, never a `HIDDEN`
@@ -44,6 +64,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from layers import rope as rope_lib
 from layers.cache.spec import CacheSpec
 from layers.partitioning import logical_to_spec
 
@@ -83,27 +104,39 @@ class KVCache:
   # mask.allowed(its seq index, seq_index[j])
   mask: Any = dataclasses.field(default=None, metadata=dict(static=True))
   frame_shape: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+  text: jax.Array | None = None
+  store_text: jax.Array | None = None
+  context_seq: jax.Array | None = None
+  context_text: jax.Array | None = None
+  rope_theta: float = dataclasses.field(default=10_000.0, metadata=dict(static=True))
 
   # ---- construction ---------------------------------------------------------------------------------------
   @staticmethod
   def create(
     spec: CacheSpec, batch: int, num_kv_heads: int, head_dim: int, *, num_layers: int | None = None,
-    dtype=jnp.float32, mask: Any = None, frame_shape: tuple[int, int] | None = None,
+    dtype=jnp.float32, mask: Any = None, frame_shape: tuple[int, int] | None = None, rope_theta: float = 10_000.0,
   ) -> KVCache:
-    """An empty cache of `spec` ([num_layers, ...] per-layer arrays when num_layers is given)."""
+    """An empty cache of `spec` ([num_layers, ...] per-layer arrays when num_layers is given); `rope_theta` is the
+    model's (spec.rope_positions="cache" re-rotates keys with it)."""
     lead = () if num_layers is None else (num_layers,)
     s, m = spec.slots, spec.store_slots
     nb = spec.blocks if spec.kind == "block_retrieval" else 0
-    kv = jnp.zeros((*lead, batch, s, num_kv_heads, head_dim), dtype)
-    store = jnp.zeros((*lead, batch, m, num_kv_heads, head_dim), dtype)
-    zeros = jnp.zeros((batch,), jnp.int32)
+    # a new buffer for every field (no `k=z, v=z`): the streaming ingest step donates the cache, and one buffer
+    # in two leaves is an error there ("donate the same buffer twice"; only seen off CPU, which ignores donation)
+    kv = lambda: jnp.zeros((*lead, batch, s, num_kv_heads, head_dim), dtype)  # noqa: E731
+    store = lambda: jnp.zeros((*lead, batch, m, num_kv_heads, head_dim), dtype)  # noqa: E731
+    zeros = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731
+    r = int(spec.remaps)  # the position-remap arrays are empty unless spec.remaps
     return KVCache(
-      k=kv, v=kv, store_k=store, store_v=store, rep=jnp.zeros((*lead, batch, nb, num_kv_heads, head_dim), dtype),
+      k=kv(), v=kv(), store_k=store(), store_v=store(), rep=jnp.zeros((*lead, batch, nb, num_kv_heads, head_dim), dtype),
       picked=jnp.zeros((*lead, batch, num_kv_heads, spec.top_k if nb else 0), jnp.int32),
       positions=jnp.zeros((batch, s, 3), jnp.int32), seq_index=jnp.zeros((batch, s), jnp.int32),
       store_pos=jnp.zeros((batch, m, 3), jnp.int32), store_seq=jnp.zeros((batch, m), jnp.int32),
-      length=zeros, incoming=zeros, top=zeros - 1, next_index=zeros, frames=zeros,
+      length=zeros(), incoming=zeros(), top=zeros() - 1, next_index=zeros(), frames=zeros(),
       visible=jnp.zeros((batch, s + m), bool), spec=spec, mask=mask, frame_shape=frame_shape,
+      text=jnp.zeros((batch, s * r), bool), store_text=jnp.zeros((batch, m * r), bool),
+      context_seq=jnp.zeros((batch, (s + m) * r), jnp.int32), context_text=jnp.zeros((batch, (s + m) * r), bool),
+      rope_theta=float(rope_theta),
     )
 
   @staticmethod
@@ -170,9 +203,11 @@ class KVCache:
     return self.spec.store_tokens(self.length if length is None else length)[1]
 
   # ---- metadata, once per append for all layers --------------------------------------------------------------
-  def record(self, positions: jax.Array, seq_index: jax.Array, counts: jax.Array | None = None) -> KVCache:
+  def record(self, positions: jax.Array, seq_index: jax.Array, counts: jax.Array | None = None, *,
+             text: bool | None = None) -> KVCache:
     """Record N arriving tokens: positions int [B, N, 3], seq_index int [B, N]; `counts` [B] (default N) of them
-    are real, the rest right padding that is neither written nor counted. Called once BEFORE the layers attend and
+    are real, the rest right padding that is neither written nor counted. `text`: whether they are text tokens
+    (used only by spec.rope_positions="cache"; None: a token is text when its t == h == w). Called once BEFORE the layers attend and
     write: fixes what the append sees (`visible`, from the state before it), moves the metadata of tokens the
     append evicts to the store, writes the new tokens' metadata, updates top / next_index; length is unchanged
     until `advance`."""
@@ -191,6 +226,11 @@ class KVCache:
     q_index = self.next_index[:, None]
     visible = self.valid() & self._allowed(q_index, self.seq_index)
     store_seq, store_pos = self.store_seq, self.store_pos
+    remap = {}
+    if spec.remaps:  # the context's groups and text flags before this append overwrites any of them
+      flags = jnp.all(positions == positions[..., :1], -1) if text is None else jnp.full((b, n), bool(text))
+      remap = dict(context_seq=jnp.concatenate([self.seq_index, store_seq], 1),
+                   context_text=jnp.concatenate([self.text, self.store_text], 1))
     if spec.kind == "block_retrieval":
       visible = jnp.concatenate([visible, self.store_valid() & self._allowed(q_index, store_seq)], axis=1)
       evict = real & (token >= spec.sink + spec.window)
@@ -198,14 +238,18 @@ class KVCache:
       ring = spec.slot(token)
       store_seq = _drop_set(store_seq, rows, target, jnp.take_along_axis(self.seq_index, ring, axis=1))
       store_pos = _drop_set(store_pos, rows, target, jnp.take_along_axis(self.positions, ring[..., None], axis=1))
+      if spec.remaps:
+        remap["store_text"] = _drop_set(self.store_text, rows, target, jnp.take_along_axis(self.text, ring, axis=1))
     slot = jnp.where(real, spec.slot(token), self.max_len)
+    if spec.remaps:
+      remap["text"] = _drop_set(self.text, rows, slot, flags)
     shown = real & (seq_index < HIDDEN)
     top = jnp.maximum(self.top, jnp.max(jnp.where(real[..., None], positions, -1), axis=(1, 2)))
     nxt = jnp.maximum(self.next_index, jnp.max(jnp.where(shown, seq_index + 1, 0), axis=1))
     return dataclasses.replace(
       self, positions=_drop_set(self.positions, rows, slot, positions),
       seq_index=_drop_set(self.seq_index, rows, slot, seq_index), store_seq=store_seq, store_pos=store_pos,
-      incoming=counts, top=top, next_index=nxt, visible=visible,
+      incoming=counts, top=top, next_index=nxt, visible=visible, **remap,
     )
 
   def advance(self, lengths: jax.Array | None = None) -> KVCache:
@@ -254,7 +298,11 @@ class KVCache:
     gathered after the buffer; the choice is recorded in `picked` (per kv head)."""
     spec, s = self.spec, self.max_len
     if spec.kind != "block_retrieval":
-      return self.k, self.v, self.visible[:, :s], self
+      k = self.k
+      if spec.remaps:  # one context for every kv head: a head axis of 1
+        groups, text, vis = self.context_seq[:, :s, None], self.context_text[:, :s, None], self.visible[:, :s, None]
+        k = self._rerotate(k[:, :, None], groups, text, vis)[:, :, 0]
+      return k, self.v, self.visible[:, :s], self
     b, n, hq, d = q.shape
     hkv = self.k.shape[-2]
     real = (jnp.arange(n)[None, :] < self.incoming[:, None]).astype(jnp.float32)  # [B, N]
@@ -269,10 +317,41 @@ class KVCache:
     v_ret = jnp.take_along_axis(self.store_v, tok[..., None], axis=1)
     vis_ret = jnp.take_along_axis(store_vis[:, :, None], tok, axis=1)  # [B, R, Hkv]
     vis_buf = jnp.broadcast_to(self.visible[:, :s, None], (b, s, hkv))
-    return (
-      jnp.concatenate([self.k, k_ret], 1), jnp.concatenate([self.v, v_ret], 1),
-      jnp.concatenate([vis_buf, vis_ret], 1), dataclasses.replace(self, picked=picked),
-    )
+    k_ctx, vis = jnp.concatenate([self.k, k_ret], 1), jnp.concatenate([vis_buf, vis_ret], 1)  # [B, C, Hkv(, D)]
+    if spec.remaps:
+      groups = jnp.concatenate([jnp.broadcast_to(self.context_seq[:, :s, None], (b, s, hkv)),
+                                jnp.take_along_axis(self.context_seq[:, s:, None], tok, axis=1)], 1)  # [B, C, Hkv]
+      text = jnp.concatenate([jnp.broadcast_to(self.context_text[:, :s, None], (b, s, hkv)),
+                              jnp.take_along_axis(self.context_text[:, s:, None], tok, axis=1)], 1)
+      k_ctx = self._rerotate(k_ctx[:, :, :, None], groups, text, vis)[:, :, :, 0]
+    return k_ctx, jnp.concatenate([self.v, v_ret], 1), vis, dataclasses.replace(self, picked=picked)
+
+  def _rerotate(self, k: jax.Array, groups: jax.Array, text: jax.Array, present: jax.Array) -> jax.Array:
+    """spec.rope_positions="cache": k [B, C, H, 1, D] (context keys at true positions; H = kv heads, or 1 with
+    the kv heads in the last-but-one axis when all share one context), groups int32 / text bool / present bool
+    [B, C, H] -> k rotated to positions within the cache (module docstring). A key whose group has S_k missing
+    groups before it, attended by a chunk with S_q missing groups before it, is rotated by
+    S_q * axes(chunk) - S_k * axes(key), axes = (1, 1, 1) for text and (1, 0, 0) for video: with the queries at
+    their true positions, exactly the relative positions of the remapped timeline. Missing groups are counted by
+    sorting the present ones (O(C log C) per row and head)."""
+    b, c, h = groups.shape
+    big = jnp.int32(2**31 - 1)
+    key = jnp.where(present, groups, big).transpose(0, 2, 1)  # [B, H, C]
+    srt = jnp.sort(key, axis=-1)
+    first = (srt < big) & (srt != jnp.concatenate([jnp.full((b, h, 1), -1, jnp.int32), srt[..., :-1]], -1))
+    distinct = jnp.cumsum(first, axis=-1, dtype=jnp.int32)  # [B, H, C] distinct present groups <= srt[j]
+    below = jax.vmap(jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left")))(srt, groups.transpose(0, 2, 1))
+    present_below = jnp.where(below > 0, jnp.take_along_axis(distinct, jnp.maximum(below - 1, 0), -1), 0)
+    shift_k = jnp.where(present, groups - present_below.transpose(0, 2, 1), 0)  # [B, C, H]
+    first_slot = self.spec.slot(self.length)[:, None]  # [B, 1] the append's first token (written by record)
+    q_group = jnp.take_along_axis(self.seq_index, first_slot, 1)  # [B, 1]
+    q_text = jnp.take_along_axis(self.text, first_slot, 1)  # [B, 1]
+    shift_q = (q_group - distinct[..., -1])[:, None, :]  # [B, 1, H]: missing groups before the chunk
+    axes = lambda is_text: jnp.stack([jnp.ones_like(is_text), is_text, is_text], -1).astype(jnp.int32)  # noqa: E731
+    delta = shift_q[..., None] * axes(q_text)[:, :, None] - shift_k[..., None] * axes(text)  # [B, C, H, 3]
+    rope = rope_lib.tables(delta.reshape(b, c * h, 3), k.shape[-1], self.rope_theta)  # [B, C*H, D/2]
+    rotated = rope_lib.apply(k.reshape(b, c * h, *k.shape[3:]), rope)
+    return rotated.reshape(k.shape)
 
   def append(self, k: jax.Array, v: jax.Array) -> KVCache:
     """Write the append's k, v [B, N, Hkv, D] (after `context`): the real tokens go to their slots; with
