@@ -307,10 +307,11 @@ class KVCache:
     hkv = self.k.shape[-2]
     real = (jnp.arange(n)[None, :] < self.incoming[:, None]).astype(jnp.float32)  # [B, N]
     qg = q.astype(jnp.float32).reshape(b, n, hkv, hq // hkv, d)
-    qbar = jnp.einsum("bngd,bn->bgd", qg.sum(3), real) / jnp.maximum(real.sum(1) * (hq // hkv), 1.0)[:, None, None]
     store_vis = self.visible[:, s:]  # [B, M]
     held = store_vis.reshape(b, spec.blocks, spec.block).any(-1)  # [B, blocks]
-    score = jnp.einsum("bhd,bkhd->bhk", qbar, self.rep.astype(jnp.float32))
+    score = self._scores(qg, real, store_vis)  # [B, Hkv, blocks]
+    if spec.select == "shared":
+      score = jnp.broadcast_to(jnp.where(held[:, None], score, 0.0).sum(1, keepdims=True), score.shape)
     picked = jax.lax.top_k(jnp.where(held[:, None], score, -jnp.inf), spec.top_k)[1].astype(jnp.int32)  # [B, Hkv, K]
     tok = (picked[..., None] * spec.block + jnp.arange(spec.block)).reshape(b, hkv, -1).transpose(0, 2, 1)  # [B,R,Hkv]
     k_ret = jnp.take_along_axis(self.store_k, tok[..., None], axis=1)  # [B, R, Hkv, D]
@@ -326,9 +327,55 @@ class KVCache:
       k_ctx = self._rerotate(k_ctx[:, :, :, None], groups, text, vis)[:, :, :, 0]
     return k_ctx, jnp.concatenate([self.v, v_ret], 1), vis, dataclasses.replace(self, picked=picked)
 
+  def _scores(self, qg: jax.Array, real: jax.Array, store_vis: jax.Array) -> jax.Array:
+    """Block scores [B, Hkv, blocks] for queries qg [B, N, Hkv, G, D] (true positions; real [B, N] marks the
+    chunk's real tokens) over the store (store_vis [B, M]: which tokens it may see).
+      mean: (mean real query of the kv head's group) . (block representative = mean key).
+      mass: for each real query and query head, the softmax of q.k / sqrt(D) over every visible store token; a
+            block's score is the probability mass its tokens get, summed over the queries and the group's heads
+            (what the question would read from the block, were every block in the context).
+    With spec.remaps every candidate is scored at one position: as if it were the block just before the window
+    (video tokens along t, text along all axes), so blocks compete on content, not on their distance."""
+    spec = self.spec
+    b, n, hkv, g, d = qg.shape
+    keys = self.rep if spec.score == "mean" else self.store_k  # [B, blocks | M, Hkv, D]
+    if spec.remaps:
+      keys = self._to_target(keys, spec.block if spec.score == "mean" else 1)
+    keys = keys.astype(jnp.float32)
+    if spec.score == "mean":
+      qbar = jnp.einsum("bngd,bn->bgd", qg.sum(3), real) / jnp.maximum(real.sum(1) * g, 1.0)[:, None, None]
+      return jnp.einsum("bhd,bkhd->bhk", qbar, keys)
+    logits = jnp.einsum("bnhgd,bmhd->bhgnm", qg, keys) / jnp.sqrt(jnp.float32(d))
+    logits = jnp.where(store_vis[:, None, None, None], logits, -jnp.inf)
+    mass = jax.nn.softmax(logits, axis=-1)
+    mass = jnp.where(store_vis[:, None, None, None], mass, 0.0)  # rows with nothing visible: 0, not nan
+    mass = jnp.einsum("bhgnm,bn->bhm", mass, real)  # [B, Hkv, M]
+    return mass.reshape(b, hkv, spec.blocks, spec.block).sum(-1)
+
+  def _to_target(self, keys: jax.Array, per: int) -> jax.Array:
+    """keys [B, M / per, Hkv, D] of the store (per = 1: one per store token; per = block: one per block, described
+    by its first token) re-rotated to the scoring position of `_scores`: the group just before the window's
+    oldest group g_w0, in the timeline the chunk will see (sinks, top_k blocks, window, chunk)."""
+    spec, s = self.spec, self.max_len
+    big = jnp.int32(2**31 - 1)
+    groups = self.context_seq[:, s::per]  # [B, M / per]
+    text = self.context_text[:, s::per]
+    vis = self.visible
+    ring = jnp.where(vis[:, spec.sink:s], self.context_seq[:, spec.sink:s], big)
+    first_slot = spec.slot(self.length)[:, None]
+    q_group = jnp.take_along_axis(self.seq_index, first_slot, 1)[:, 0]  # [B]
+    q_text = jnp.take_along_axis(self.text, first_slot, 1)[:, 0]
+    g_w0 = jnp.minimum(ring.min(1), q_group)  # [B] the window's oldest group (the chunk's, when it is empty)
+    sink_groups = jnp.max(jnp.where(vis[:, : spec.sink], self.context_seq[:, : spec.sink], -1), 1, initial=-1) + 1
+    s_w0 = jnp.maximum(g_w0 - sink_groups - spec.top_k, 0)  # [B] missing groups before the window
+    shift_k = groups - g_w0[:, None] + s_w0[:, None] + 1  # [B, M / per]
+    axes = lambda is_text: jnp.stack([jnp.ones_like(is_text), is_text, is_text], -1).astype(jnp.int32)  # noqa: E731
+    delta = s_w0[:, None, None] * axes(q_text)[:, None] - shift_k[..., None] * axes(text)  # [B, M / per, 3]
+    return rope_lib.apply(keys, rope_lib.tables(delta, keys.shape[-1], self.rope_theta))
+
   def _rerotate(self, k: jax.Array, groups: jax.Array, text: jax.Array, present: jax.Array) -> jax.Array:
-    """spec.rope_positions="cache": k [B, C, H, 1, D] (context keys at true positions; H = kv heads, or 1 with
-    the kv heads in the last-but-one axis when all share one context), groups int32 / text bool / present bool
+    """spec.rope_positions="cache": k [B, C, H, G, D] (context keys at true positions; H = kv heads and G = 1
+    with per-head retrieval, H = 1 and G = kv heads when all heads share one context), groups int32 / text bool / present bool
     [B, C, H] -> k rotated to positions within the cache (module docstring). A key whose group has S_k missing
     groups before it, attended by a chunk with S_q missing groups before it, is rotated by
     S_q * axes(chunk) - S_k * axes(key), axes = (1, 1, 1) for text and (1, 0, 0) for video: with the queries at

@@ -10,7 +10,14 @@ Kinds (DESIGN section 7, issue 13):
                    blocks whose representative key best matches the chunk's mean query.
 
 Every size is static: a cache's arrays have the same shapes whatever the stream length (device memory bounded by
-the spec). Token n of a row (n counts every token ever appended to it, its "stream index") lives at
+the spec).
+
+RoPE positions of the attended context (`rope_positions`): "true" rotates every cached key by its true stream
+position (far into a stream a query sees its context at distances never trained on); "cache" keeps those keys but,
+at attention time, re-rotates them as if the groups missing from the context had never been there (see
+`layers.cache.kv`). A full cache never evicts, so both conventions give it the same logits.
+
+Token n of a row (n counts every token ever appended to it, its "stream index") lives at
   full:        slot n
   evicting:    slot n for n < sink, else sink + (n - sink) % window        (ring)
   store:       token m (evicted once token m + window arrived, m >= sink) at block j = (m - sink) // block, in
@@ -25,6 +32,9 @@ import dataclasses
 import jax.numpy as jnp
 
 KINDS = ("full", "sink_window", "block_retrieval")
+ROPE_POSITIONS = ("true", "cache")
+SCORES = ("mean", "mass")
+SELECTS = ("per_head", "shared")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,16 @@ class CacheSpec:
   block: int = 0  # block_retrieval: tokens per store block (one frame's tokens = ReKV's frame blocks)
   blocks: int = 0  # block_retrieval: store capacity in blocks (FIFO when full)
   top_k: int = 0  # block_retrieval: blocks retrieved per chunk (per kv head)
+  # where RoPE puts the attended context (kv.py's module docstring): "true" = every token at its true stream
+  # position; "cache" = positions within the cache: the groups (frames, text tokens) that were evicted or not
+  # retrieved are cut out of the timeline, so the context reads as one contiguous video (StreamingLLM / ReKV)
+  rope_positions: str = "true"
+  # block_retrieval: how a store block is scored for a chunk (kv.py `KVCache._scores`): "mean" = the chunk's mean
+  # query . the block's mean key; "mass" = the attention mass the chunk's queries would give the block's tokens
+  score: str = "mean"
+  # block_retrieval: "per_head" = each kv head retrieves its own top_k blocks; "shared" = one choice for all kv
+  # heads of a layer (their scores summed)
+  select: str = "per_head"
 
   def __post_init__(self):
     problem = self.problem()
@@ -48,6 +68,11 @@ class CacheSpec:
     """One line naming the field that is wrong (None: fine)."""
     if self.kind not in KINDS:
       return f"cache.kind={self.kind!r}: expected one of {' | '.join(KINDS)}"
+    for name, allowed in (("score", SCORES), ("select", SELECTS)):
+      if getattr(self, name) not in allowed:
+        return f"cache.{name}={getattr(self, name)!r}: expected one of {' | '.join(allowed)}"
+    if self.rope_positions not in ROPE_POSITIONS:
+      return f"cache.rope_positions={self.rope_positions!r}: expected one of {' | '.join(ROPE_POSITIONS)}"
     if self.kind == "full":
       return None if self.capacity >= 1 else f"cache.capacity={self.capacity}: a full cache needs >= 1 slot"
     if self.sink < 0:
@@ -61,6 +86,11 @@ class CacheSpec:
       if self.top_k > self.blocks:
         return f"cache.top_k={self.top_k} exceeds cache.blocks={self.blocks} (the store's capacity)"
     return None
+
+  @property
+  def remaps(self) -> bool:
+    """Whether the context's RoPE positions are re-indexed within the cache (only evicting kinds have gaps)."""
+    return self.rope_positions == "cache" and self.kind != "full"
 
   @property
   def slots(self) -> int:

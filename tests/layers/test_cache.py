@@ -17,7 +17,8 @@ def test_cache_is_a_static_shape_pytree():
   c = KVCache.init(2, 8, 3, 4, num_layers=5, mask=MaskSpec.causal())
   assert c.k.shape == c.v.shape == (5, 2, 8, 3, 4) and c.positions.shape == (2, 8, 3) and c.length.shape == (2,)
   leaves, treedef = jax.tree.flatten(c)
-  assert len(leaves) == 16  # spec, mask and frame_shape are static: they live in the treedef
+  assert len(leaves) == 20  # spec, mask, frame_shape and rope_theta are static: they live in the treedef
+  assert c.text.shape == c.context_seq.shape == (2, 0)  # the position-remap arrays are empty unless spec.remaps
   out = jax.jit(lambda x: x)(c)
   assert out.kind == "full" and out.mask == MaskSpec.causal() and jax.tree.structure(out) == treedef
   assert c.layer(1).k.shape == (2, 8, 3, 4)
@@ -30,6 +31,12 @@ def test_cache_is_a_static_shape_pytree():
     CacheSpec("sink_window", sink=2)
   with pytest.raises(ValueError, match="cache.kind='ring'"):
     CacheSpec("ring")
+  with pytest.raises(ValueError, match="cache.rope_positions='slot': expected one of true | cache"):
+    CacheSpec("sink_window", window=4, rope_positions="slot")
+  with pytest.raises(ValueError, match="cache.score='max': expected one of mean | mass"):
+    CacheSpec("block_retrieval", window=8, block=2, blocks=4, top_k=1, score="max")
+  with pytest.raises(ValueError, match="cache.select='all': expected one of per_head | shared"):
+    CacheSpec("block_retrieval", window=8, block=2, blocks=4, top_k=1, select="all")
 
 
 def test_record_advance_write_and_visibility():

@@ -82,6 +82,72 @@ def test_window_slides_with_true_positions(kind):
     assert float(jnp.max(jnp.abs(full - out))) > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["sink_window", "block_retrieval_shared"])
+def test_cache_positions_close_the_gaps(kind):
+  """rope_positions="cache": the same stream as above (frames of 2 tokens), then a text chunk (t = h = w = p). Each
+  chunk's output equals plain attention over exactly what it may see (sinks + window + for block_retrieval the 2
+  blocks of 2 frames it picked, one choice for both kv heads: select="shared", scored by attention mass) with
+  every frame it sees RENUMBERED 0, 1, 2, ... in time order (w kept) and the text at p - (frames missing), on all
+  three axes: the context reads as one contiguous video followed by text, whatever was evicted."""
+  layer = _layer(2)
+  n, chunk, sink, window = 48, 4, 2, 8
+  x = jax.random.normal(jax.random.key(2), (1, n + 3, 16))
+  j = np.arange(n)
+  pos = jnp.asarray(np.stack([j // TPF, 0 * j, j % TPF], -1)[None], jnp.int32)
+  seq = jnp.asarray(j // TPF)[None]
+  if kind == "sink_window":
+    spec = CacheSpec(kind, sink=sink, window=window, rope_positions="cache")
+  else:
+    spec = CacheSpec("block_retrieval", sink=sink, window=window, block=4, blocks=12, top_k=2, rope_positions="cache",
+                     score="mass", select="shared")
+  cache = KVCache.create(spec, 1, 2, 8, mask=MaskSpec.causal())
+  frame_mask = MaskSpec.frame_causal(TPF)
+
+  def seen_before(s, cache):  # what an append arriving at stream index s may see, besides itself
+    seen = (j < sink) | ((j >= max(sink, s - window)) & (j < s))
+    if kind != "sink_window":
+      np.testing.assert_array_equal(cache.picked[0, 0], cache.picked[0, 1])  # one choice for both kv heads
+      token, valid = spec.store_tokens(jnp.asarray([s]))
+      slots = (np.asarray(cache.picked[0, 0])[:, None] * spec.block + np.arange(spec.block)).ravel()
+      seen[np.asarray(token[0])[slots][np.asarray(valid[0])[slots]]] = True
+    return seen
+
+  def remapped(seen_frames):  # frame f -> its rank among the frames seen (the others: anywhere, never attended)
+    return np.cumsum(seen_frames) - 1
+
+  gaps = 0
+  for s in range(0, n, chunk):
+    out, cache = _append(layer, cache, x[:, s : s + chunk], pos[:, s : s + chunk], seq[:, s : s + chunk], frame_mask)
+    seen = seen_before(s, cache) | ((j >= s) & (j < s + chunk))
+    frames_seen = np.zeros(n // TPF, bool)
+    frames_seen[j[seen] // TPF] = True
+    gaps += int((~frames_seen[: (s + chunk) // TPF]).sum() > 0)
+    t_new = remapped(frames_seen)[j // TPF]
+    p_new = jnp.asarray(np.stack([t_new, 0 * j, j % TPF], -1)[None], jnp.int32)
+    ref = _restricted(layer, x[:, :n], p_new, jnp.asarray(seen), frame_mask)[:, s : s + chunk]
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg=f"chunk at {s}")
+  assert gaps >= 6  # half the chunks saw a context with frames cut out
+  # a text chunk of 3 tokens at p = 24 (after 24 frames, M-RoPE): it sees the sinks, (blocks), the window
+  p = n // TPF
+  text_pos = jnp.full((1, 3, 3), p, jnp.int32) + jnp.arange(3)[None, :, None]
+  out, cache = _append(layer, cache, x[:, n:], text_pos, p + jnp.arange(3)[None], MaskSpec.causal())
+  seen = np.concatenate([seen_before(n, cache), np.ones(3, bool)])
+  frames_seen = np.zeros(n // TPF, bool)
+  frames_seen[j[seen[:n]] // TPF] = True
+  missing = int((~frames_seen).sum())
+  assert missing > 0
+  t_new = remapped(frames_seen)[j // TPF]
+  video = np.stack([t_new, 0 * j, j % TPF], -1)
+  text = np.repeat((p - missing + np.arange(3))[:, None], 3, 1)
+  p_new = jnp.asarray(np.concatenate([video, text])[None], jnp.int32)
+  ref = _restricted(layer, x, p_new, jnp.asarray(seen), MaskSpec.frame_causal(TPF, video_tokens=n))[:, n:]
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5, err_msg="text chunk")
+  if kind == "sink_window":  # and the remap is not a no-op: true positions give another output
+    p_true = jnp.concatenate([pos, text_pos], 1)
+    true = _restricted(layer, x, p_true, jnp.asarray(seen), MaskSpec.frame_causal(TPF, video_tokens=n))[:, n:]
+    assert float(jnp.max(jnp.abs(true - out))) > 1e-3
+
+
 def test_retrieval_picks_the_block_holding_a_planted_key():
   """block_retrieval at the cache level: tokens with small random keys and one block (tokens 10..13) whose keys
   point along u; a query along u retrieves that block on every kv head, its tokens are gathered, and once the
@@ -187,6 +253,12 @@ WIDE = {  # windows covering the whole stream (32 video + 8 text tokens)
   "block_retrieval": CacheSpec("block_retrieval", sink=4, window=40, block=4, blocks=4, top_k=2),
   # a window of 2 frames, but every evicted block retrieved: exact through the store
   "retrieval_all_blocks": CacheSpec("block_retrieval", sink=4, window=8, block=4, blocks=8, top_k=8),
+  # positions within the cache: nothing is missing from these contexts, so every shift is 0 and the logits exact
+  "sink_window_cache": CacheSpec("sink_window", sink=4, window=40, rope_positions="cache"),
+  "block_retrieval_cache": CacheSpec("block_retrieval", sink=4, window=40, block=4, blocks=4, top_k=2,
+                                     rope_positions="cache"),
+  "retrieval_all_blocks_cache": CacheSpec("block_retrieval", sink=4, window=8, block=4, blocks=8, top_k=8,
+                                          rope_positions="cache", score="mass", select="shared"),
 }
 
 
@@ -196,7 +268,7 @@ def test_chunked_ingest_equals_one_prefill_for_every_kind(model):
   frames, tokens = _inputs()
   full = nnx.jit(lambda m, f, t: m(f, t))(model, frames, tokens)
   for name, spec in WIDE.items():
-    got, cache = _stream_logits(model, spec, frames, tokens, chunk=2 if name != "retrieval_all_blocks" else 1)
+    got, cache = _stream_logits(model, spec, frames, tokens, chunk=1 if name.startswith("retrieval_all") else 2)
     np.testing.assert_allclose(got, full, atol=1e-5, rtol=1e-5, err_msg=name)
   np.testing.assert_array_equal(cache.frames, [FRAMES] * B)
 

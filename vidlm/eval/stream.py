@@ -10,6 +10,11 @@ Streamed into: every KV cache kind for a VideoLM (`vidlm.infer.streaming.default
 frame, window = 2x the training length, retrieval blocks of one frame with a store as long as the stream, top 4
 blocks; the full cache has room for exactly the stream and the question), and the memory-bridge state (a bank of
 `STREAM_BANK` segments, FIFO) for MemoryBridgeLM.
+With `eval.stream_rope_positions=cache` the evicting caches give their context positions within the cache and are
+sized so that what the question attends is one training-length video: sinks = frame 0, window = half the training
+length (= the chunk), top_k = the rest (8 frames: 1 + 3 retrieved + 4); retrieval scores blocks by
+`eval.stream_score` and chooses them `eval.stream_select` (layers/cache/spec.py). The full cache is unchanged (it
+never evicts) and keeps chunks of 2x the training length.
 Per cell it records accuracy, the steady-state ingest frames/s (compiling calls excluded), the stream state's
 bytes (fixed by construction) and the device's peak memory (None on CPU), in `<workdir>/eval/niavh_stream.json`.
 """
@@ -40,6 +45,7 @@ def niavh_stream(ctx: EvalContext) -> dict:
   from vidlm.infer.streaming import StreamingSession, default_cache_spec, is_memory_bridge  # noqa: PLC0415
 
   cfg = ctx.cfg
+  e = cfg.eval
   model = ctx.trainer.model
   train_frames = cfg.data.frames
   mults = tuple(cfg.eval.length_multipliers)
@@ -51,8 +57,16 @@ def niavh_stream(ctx: EvalContext) -> dict:
       for mult in mults:
         frames = train_frames * mult
         chunk = min(2 * train_frames, frames)  # = the evicting caches' window: half the appends of 1x chunks
+        sizes = {}
+        if kind in ("sink_window", "block_retrieval") and e.stream_rope_positions == "cache":
+          tt = cfg.model.tubelet[0]
+          half = max(tt, train_frames // 2 // tt * tt)  # window = chunk, in whole tubelet rows
+          chunk = half
+          sizes = dict(window_frames=half // tt, top_k=max(1, (train_frames - half) // tt - 1),
+                       rope_positions="cache", score=e.stream_score, select=e.stream_select)
         streams = _streams(cfg, frames, tier, seeds, chunk)
-        spec = None if kind == "memory_bridge" else default_cache_spec(cfg, kind, max_frames=frames, chunk=chunk)
+        spec = None if kind == "memory_bridge" else default_cache_spec(cfg, kind, max_frames=frames, chunk=chunk,
+                                                                       **sizes)
         session = StreamingSession(model, cfg, cache_spec=spec, batch=seeds, chunk=chunk, memory_capacity=STREAM_BANK)
         start = time.perf_counter()
         for rows in zip(*streams):

@@ -58,10 +58,12 @@ def tokens_per_frame(cfg) -> int:
 
 
 def default_cache_spec(cfg, kind: str, *, max_frames: int = 1024, chunk: int | None = None, max_answer: int = 16,
-                       window_frames: int | None = None, blocks: int | None = None, top_k: int = 4) -> CacheSpec:
+                       window_frames: int | None = None, blocks: int | None = None, top_k: int = 4,
+                       rope_positions: str = "true", score: str = "mean", select: str = "per_head") -> CacheSpec:
   """A cache for streaming `cfg`'s VideoLM: sinks = the first frame's tokens; window = 2 x the training length
   (and at least one chunk); retrieval blocks of one frame (ReKV's frame blocks), a store of `blocks` frames
-  (default max_frames), top_k blocks a chunk / question; full = room for max_frames + one question + answer."""
+  (default max_frames), top_k blocks a chunk / question; full = room for max_frames + one question + answer.
+  rope_positions / score / select: `layers.cache.CacheSpec` (a full cache ignores them: it never evicts)."""
   p = tokens_per_frame(cfg)
   tt = cfg.model.tubelet[0]
   train_frames = cfg.data.frames // tt
@@ -70,10 +72,10 @@ def default_cache_spec(cfg, kind: str, *, max_frames: int = 1024, chunk: int | N
   if kind == "full":
     return CacheSpec("full", capacity=(max_frames // tt) * p + cfg.data.text_len + max_answer)
   if kind == "sink_window":
-    return CacheSpec("sink_window", sink=p, window=win)
+    return CacheSpec("sink_window", sink=p, window=win, rope_positions=rope_positions)
   if kind == "block_retrieval":
     return CacheSpec("block_retrieval", sink=p, window=win, block=p, blocks=blocks or max_frames // tt,
-                     top_k=top_k)
+                     top_k=top_k, rope_positions=rope_positions, score=score, select=select)
   raise ConfigError(f"--cache {kind!r}: expected full | sink_window | block_retrieval")
 
 

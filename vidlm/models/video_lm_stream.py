@@ -49,7 +49,7 @@ class StreamingMixin:
       raise ConfigError(f"stream frames of {h}x{w} do not divide into the model's {th}x{tw} tubelets (model.tubelet)")
     return KVCache.create(
       spec, batch, self.num_kv_heads, self.head_dim, num_layers=self.num_layers, dtype=self.dtype,
-      mask=MaskSpec.causal(), frame_shape=(h, w),
+      mask=MaskSpec.causal(), frame_shape=(h, w), rope_theta=self.rope_theta,
     ).sharded()
 
   def _check_chunk(self, frames: jax.Array, cache: KVCache) -> None:
@@ -83,7 +83,7 @@ class StreamingMixin:
     grid = np.stack([t, hh, ww], -1).reshape(-1, 3).astype(np.int32)  # [N, 3] chunk-local (t, h, w)
     positions = jnp.asarray(grid)[None] + jnp.stack([cache.frames, cache.frames * 0, cache.frames * 0], -1)[:, None]
     seq = cache.next_index[:, None] + jnp.asarray(grid[:, 0])[None]  # one group index per frame
-    cache = cache.record(positions, seq).sharded()
+    cache = cache.record(positions, seq, text=False).sharded()
     x = constrain(self.video_embed(frames), ("batch", None, "embed"))
     x, cache = self._cached_layers(x, positions, MaskSpec.frame_causal(tpf), cache)
     cache = cache.advance()
@@ -101,7 +101,7 @@ class StreamingMixin:
     _check_fits(cache, n, "text chunk")
     positions = rope_lib.text_positions(cache.top + 1, n)  # [B, L, 3]
     seq = cache.next_index[:, None] + jnp.arange(n, dtype=jnp.int32)[None]
-    cache = cache.record(positions, seq, lengths).sharded()
+    cache = cache.record(positions, seq, lengths, text=True).sharded()
     x = constrain(self.text_embed(tokens), ("batch", None, "embed"))
     x, cache = self._cached_layers(x, positions, MaskSpec.causal(), cache)
     return self.lm_head(self.final_norm(x)).astype(jnp.float32), cache.advance()
