@@ -231,6 +231,12 @@ class EvalConfig:
   # how niavh grades an answer: teacher_forced (one forward pass) | generate (greedy decoding with a KV cache) |
   # both (headline teacher-forced, the generated score and their per-example agreement beside it)
   niavh_scoring: str = "both"
+  # niavh_stream's KV caches (vidlm/eval/stream.py): RoPE positions of the attended context, true | cache (positions
+  # within the cache; the evicting caches are then sized to the training length), and block retrieval's scoring
+  # (mean | mass) and choice (per_head | shared); layers/cache/spec.py says what each means
+  stream_rope_positions: str = "true"
+  stream_score: str = "mean"
+  stream_select: str = "per_head"
 
 
 @dataclasses.dataclass

@@ -161,6 +161,9 @@ def check_eval(cfg: Config, batch_shards: int | None) -> None:
         f"expected some of {','.join(procedural.TIERS)}")
   _need(e.niavh_scoring in ("teacher_forced", "generate", "both"), "eval.niavh_scoring", e.niavh_scoring,
         "expected teacher_forced | generate | both")
+  for field, allowed in (("stream_rope_positions", ("true", "cache")), ("stream_score", ("mean", "mass")),
+                         ("stream_select", ("per_head", "shared"))):
+    _need(getattr(e, field) in allowed, f"eval.{field}", getattr(e, field), f"expected {' | '.join(allowed)}")
   # these evaluators generate procedural examples at data.text_len whatever data.path holds (data.tiers at the
   # training length is checked by check_data for generated data)
   if "niavh" in e.evaluators:  # the grid generates eval.tiers at every length
