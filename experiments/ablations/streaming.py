@@ -11,10 +11,15 @@ Expected: at 1x every cache holds the whole video, so the kinds agree. Beyond, s
           early needle and is at chance; retrieval and the full cache keep it, and answer only as well as the model
           handles the positions a long stream puts the question at: the plain demo never saw a text position past
           40 and fails at 8x whatever the cache, dense_random (frame positions drawn from [0, 1024) in training)
-          is the one whose cache choice shows. docs/streaming.md has the measured table.
+          is the one whose cache choice shows. With positions within the cache (dense_cache_positions) the plain
+          demo's question always sees a training-length video, so retrieval answers at any length while
+          sink+window, whose 8 frames no longer hold the needle, fails. docs/streaming.md has the measured table.
 Variant:  :smoke, seconds-long (4 training steps, 1x and 2x, 2 streams), to check the path.
 
-Variants: dense (experiments/demo.py), dense_random (train_positions=random up to 1024 frames, 360 steps: the
+Variants: dense (experiments/demo.py), dense_cache_positions (the same model and recipe, streamed with
+eval.stream_rope_positions=cache: the evicting caches' context at positions within the cache, sized to one
+training-length video: frame 0 + 3 retrieved frames + a 4-frame window; retrieval scored by mean key, per kv
+head), dense_random (train_positions=random up to 1024 frames, 360 steps: the
 long_context ablation's dense_random_long), memory_bridge (experiments/memory_bridge.py's model and recipe,
 fixed segments; the stream keeps a bank of 1024 segments, FIFO).
 """
@@ -50,6 +55,7 @@ def get_sweep(arg: str | None = None) -> dict[str, dict]:
   steps = get_config(arg).train.steps
   return {
     "dense": {},
+    "dense_cache_positions": {"eval.stream_rope_positions": "cache"},
     "dense_random": {"model.train_positions": "random", "model.max_train_position": 1024, "train.steps": 3 * steps},
     "memory_bridge": _memory_bridge(arg, "fixed"),
   }

@@ -126,7 +126,7 @@ def test_streaming_sweep_variants_validate(arg):
 
   spec = str(ROOT / "experiments" / "ablations" / "streaming.py") + (f":{arg}" if arg else "")
   variants = sweep.load_sweep(spec)
-  assert list(variants) == ["dense", "dense_random", "memory_bridge"]
+  assert list(variants) == ["dense", "dense_cache_positions", "dense_random", "memory_bridge"]
   for name, overrides in variants.items():
     cfg = sweep.check_variant(spec, name, sweep.variant_args([], overrides))  # raises ConfigError if rejected
     assert cfg.eval.evaluators == ("niavh_stream",) and cfg.eval.tiers == ("a",)
