@@ -433,19 +433,36 @@ def flash_backward(
   b, t, hq, d = q.shape
   cfg = _resolve_config(config, d)
   _check(q, k, v, segment_ids, mask, cfg)
-  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
-  if dlse is not None:
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf).astype(jnp.float32)
+  delta, lse2 = backward_inputs(out, lse, dout, dlse)
   if segment_ids is not None:
     segment_ids = (segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32))
   dout = dout.astype(q.dtype)
   kw = dict(mask=mask, scale=scale, cfg=cfg, interpret=interpret)
   dq = _dq_call(q, k, v, dout, lse2, delta, segment_ids, **kw)
-  if cfg.split_dkv:
-    dk = _dkv_call(q, k, v, dout, lse2, delta, segment_ids, parts=("dk",), **kw)["dk"]
-    dv = _dkv_call(q, k, v, dout, lse2, delta, segment_ids, parts=("dv",), **kw)["dv"]
-  else:
-    r = _dkv_call(q, k, v, dout, lse2, delta, segment_ids, **kw)
-    dk, dv = r["dk"], r["dv"]
+  dk, dv = dkv_grads(q, k, v, dout, lse2, delta, segment_ids, **kw)
   return dq, dk, dv
+
+
+def backward_inputs(out, lse, dout, dlse=None):
+  """(delta [B, Hq, T], lse2 [B, Hq, T]) float32, the XLA pass before the dense and block-sparse backward kernels.
+
+  delta = rowsum(out * dout) (- dlse where lse is finite); lse2 = lse in log2 units, -inf rows mapped to +inf so
+  that P = exp2(s - lse2) is exactly 0 there. A function of its own so that `vidlm.bench.sparse_breakdown` can
+  time it apart from the kernels.
+  """
+  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
+  if dlse is not None:
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+  lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf).astype(jnp.float32)
+  return delta, lse2
+
+
+def dkv_grads(q, k, v, do, lse2, delta, segment_ids, *, mask, scale, cfg, interpret):
+  """(dk, dv) [B, S, Hkv, D] of the dense backward: one dK/dV kernel, or one per output when cfg.split_dkv."""
+  kw = dict(mask=mask, scale=scale, cfg=cfg, interpret=interpret)
+  if cfg.split_dkv:
+    dk = _dkv_call(q, k, v, do, lse2, delta, segment_ids, parts=("dk",), **kw)["dk"]
+    dv = _dkv_call(q, k, v, do, lse2, delta, segment_ids, parts=("dv",), **kw)["dv"]
+    return dk, dv
+  r = _dkv_call(q, k, v, do, lse2, delta, segment_ids, **kw)
+  return r["dk"], r["dv"]

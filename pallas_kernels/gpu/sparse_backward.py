@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.gpu import sparse_schedule
-from pallas_kernels.gpu.backward import _produce, dkv_scratch, dq_scratch
+from pallas_kernels.gpu.backward import _produce, backward_inputs, dkv_scratch, dq_scratch
 from pallas_kernels.gpu.common import _LOG2E, _acc_mm, _element_mask, _params
 from pallas_kernels.layout import BlockLayout, MaskSpec
 
@@ -395,10 +395,7 @@ def sparse_backward(
   if reason is not None:
     raise ValueError(f"pallas_kernels.gpu.sparse_backward: {reason}")
   shp, fwd_lists, bwd_lists = sparse_schedule.build(mask, layout, s)
-  delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), dout.astype(jnp.float32))
-  if dlse is not None:
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  lse2 = jnp.where(jnp.isfinite(lse), lse * _LOG2E, jnp.inf).astype(jnp.float32)
+  delta, lse2 = backward_inputs(out, lse, dout, dlse)
   if segment_ids is not None:
     segment_ids = (segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32))
   dout = dout.astype(q.dtype)

@@ -56,7 +56,17 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
   if reason is not None:
     raise ValueError(f"pallas_kernels.gpu.sparse_forward: {reason}")
   shp = sparse_schedule.shape_of(layout, s)
-  fidx, fcnt, ffull = sparse_schedule.forward_lists(mask, layout, shp)
+  lists = sparse_schedule.forward_lists(mask, layout, shp)
+  return forward_call(lists, shp, q, k, v, segment_ids, mask=mask, scale=scale, interpret=interpret)
+
+
+def forward_call(lists, shp: sparse_schedule.SparseShape, q, k, v, segment_ids, *, mask: MaskSpec, scale: float,
+                 interpret=False):
+  """The forward kernel alone on lists already built by `sparse_schedule.forward_lists` (what `sparse_forward`
+  does after building them; `vidlm.bench.sparse_breakdown` times the two apart). Shapes are not re-checked."""
+  fidx, fcnt, ffull = lists
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
   group = hq // hkv
   dtype = q.dtype
   bq, bk = _BQ, shp.block_kv
