@@ -7,11 +7,13 @@ step carries, whatever the stream length.
 
 RoPE convention (all kinds): keys are cached AFTER RoPE, rotated by each token's TRUE (t, h, w) position, which the
 cache also keeps (`positions`). Positions are data for video (3D RoPE, dropped tokens, offsets), so a slot's key
-never depends on which slot the ring put it in or how many tokens were evicted before it: a query attends the kept
-tokens exactly as full attention restricted to them would (tests/layers/test_cache_streaming.py). StreamingLLM
-instead caches keys before RoPE and re-indexes them by slot, so distances inside the cache never exceed what the
-model was trained on; here a query far into a stream sees sinks at their true (large) distance, and a model that
-has to generalise to that is the length-generalisation work's concern (model.eval_positions), not the cache's.
+never depends on which slot the ring put it in or how many tokens were evicted before it. What a query attends them
+at is `CacheSpec.rope_positions`: "true" (default) as stored, a query attending the kept tokens exactly as full
+attention restricted to them would (tests/layers/test_cache_streaming.py); "cache" (StreamingLLM, ReKV) at positions
+WITHIN the cache: the frames / text tokens missing from the context are cut out of the timeline (keys re-rotated at
+attention time, kv.py), so sinks + retrieved blocks + window + chunk read as one contiguous video, and a model
+trained on short videos sees in-distribution positions however long the stream (tested against plain attention
+at the renumbered positions; with nothing evicted both conventions give the full cache's logits).
 """
 
 from layers.cache.kv import HIDDEN, LAYER_FIELDS, KVCache
