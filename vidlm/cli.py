@@ -3,7 +3,7 @@
   vidlm train --config experiments/demo.py[:variant] --workdir runs/x [--config.train.steps=10 ...]
   vidlm eval  --config experiments/demo.py --workdir runs/x       (evaluators from config.eval.evaluators)
   vidlm data  make-synthetic ... | ingest ...
-  vidlm bench attention ... | ring ... | sparse ... | stream ... | memory ...
+  vidlm bench attention ... | ring ... | sparse ... | sparse_breakdown ... | stream ... | memory ...
   vidlm stream --config ... --workdir runs/x (--video FILE | --procedural) [--ask-at 64,256] [--cache KIND]
   vidlm demo  [--workdir runs/demo]                               (the main job: train + evaluate + report)
   vidlm sweep --config experiments/ablations/attention.py --workdir runs/x   (get_sweep() variants, results.md)
@@ -180,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "data":
       return _delegate("vidlm.data.commands", rest)
     if cmd == "bench":
-      if not rest or rest[0] not in ("attention", "ring", "train_step", "sparse", "stream", "memory"):
+      if not rest or rest[0] not in ("attention", "ring", "train_step", "sparse", "sparse_breakdown", "stream", "memory"):
         raise config_lib.ConfigError(
-          f"vidlm bench: expected attention | ring | train_step | sparse | stream | memory, got {rest[0] if rest else 'nothing'} "
+          f"vidlm bench: expected attention | ring | train_step | sparse | sparse_breakdown | stream | memory, got {rest[0] if rest else 'nothing'} "
           "(vidlm bench NAME --help lists its options)"
         )
       return _delegate(f"vidlm.bench.{rest[0]}", rest[1:])
