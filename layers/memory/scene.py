@@ -167,22 +167,28 @@ def strided_segment_count(frames: int, segment_length: int, stride: int) -> int:
 
 
 def strided_frame_table(
-  batch: int, frames: int, *, segment_length: int, stride: int, max_segments: int
+  batch: int, frames: int, *, segment_length: int, stride: int, max_segments: int,
+  num_frames: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Fixed (optionally overlapping) segments: segment k holds frames k*stride .. k*stride + segment_length - 1.
   With stride <= segment_length - n + 1 every run of n consecutive frames lies whole inside some segment (a 3-frame
   motion needle is never cut in two). Same outputs as `segment_frame_table`: (table [B, K, L] int32, mask [B, K, L]
-  bool, valid [B, K] bool) with K = max_segments >= the segments needed (the rest are padding)."""
+  bool, valid [B, K] bool) with K = max_segments >= the segments needed (the rest are padding).
+
+  num_frames [B] int32 (default: all `frames`): each row's real frames, the rest padding; a row of n frames gets
+  exactly the segments (and masks) an n-frame video gets, so the padding frames are never read."""
   need = strided_segment_count(frames, segment_length, stride)
   if max_segments < need:
     raise ValueError(f"strided segments: {max_segments} segments of {segment_length} frames every {stride} cannot "
                      f"hold {frames} frames (need {need})")
-  k = jnp.arange(max_segments, dtype=jnp.int32)[:, None]
-  j = jnp.arange(segment_length, dtype=jnp.int32)[None, :]
-  frame = k * stride + j  # [K, L]
-  valid = jnp.arange(max_segments) < need  # [K]
-  mask = (frame < frames) & valid[:, None]
+  k = jnp.arange(max_segments, dtype=jnp.int32)[None, :, None]
+  j = jnp.arange(segment_length, dtype=jnp.int32)[None, None, :]
+  frame = k * stride + j  # [1, K, L]
+  n = jnp.full((batch,), frames, jnp.int32) if num_frames is None else jnp.asarray(num_frames, jnp.int32)
+  # strided_segment_count per row: 1 if n <= L else 1 + ceil((n - L) / stride); 0 for an empty row
+  row_need = jnp.where(n <= segment_length, 1, 1 + (n - segment_length + stride - 1) // stride)
+  row_need = jnp.where(n > 0, row_need, 0)
+  valid = jnp.arange(max_segments)[None, :] < row_need[:, None]  # [B, K]
+  mask = (frame < n[:, None, None]) & valid[..., None]  # [B, K, L]
   table = jnp.where(mask, frame, 0)
-  shape = (batch, max_segments)
-  return (jnp.broadcast_to(table, (*shape, segment_length)), jnp.broadcast_to(mask, (*shape, segment_length)),
-          jnp.broadcast_to(valid, shape))
+  return table, mask, valid

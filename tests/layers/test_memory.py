@@ -10,12 +10,15 @@ from flax import nnx
 
 from layers.memory import (
   BridgeLayer,
+  ConvStem,
   Retriever,
   fixed_segments,
   memory_step,
   run_segments,
   scene_tiling,
   segment_frame_table,
+  strided_frame_table,
+  strided_segment_count,
   write_cache,
 )
 from layers.memory.scene import depth_scores
@@ -117,6 +120,46 @@ def test_fixed_segments_and_frame_table():
   np.testing.assert_array_equal(np.asarray(table[0, :3]), [[0, 1, 0], [2, 4, 7], [8, 8, 8]])
   np.testing.assert_array_equal(np.asarray(mask[0]), [[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]])
   np.testing.assert_array_equal(np.asarray(valid[0]), [1, 1, 1, 0])
+
+
+def test_strided_table_per_row_frame_counts_equal_each_length_alone():
+  """num_frames per row gives each row exactly the table, mask and valid segments of a video of its own length
+  (padded to the batch's K): a variable number of valid segments in one static-shape batch."""
+  counts = [12, 9, 4, 2, 0]
+  table, mask, valid = strided_frame_table(len(counts), 12, segment_length=4, stride=2, max_segments=5,
+                                           num_frames=jnp.asarray(counts))
+  for row, n in enumerate(counts):
+    need = strided_segment_count(n, 4, 2) if n else 0
+    assert int(valid[row].sum()) == need, (n, valid[row])
+    if n:
+      t1, m1, v1 = strided_frame_table(1, n, segment_length=4, stride=2, max_segments=need)
+      np.testing.assert_array_equal(np.asarray(mask[row, :need]), np.asarray(m1[0]))
+      np.testing.assert_array_equal(np.asarray(table[row, :need]), np.asarray(t1[0]))
+    assert not bool(mask[row, need:].any())
+    assert int(jnp.where(mask[row], table[row], -1).max()) == n - 1  # never a padding frame, the last real one
+  np.testing.assert_array_equal(np.asarray(valid[1]), [1, 1, 1, 1, 0])  # 9 frames: 0-3, 2-5, 4-7, 6-8
+
+
+def test_conv_stem_token_grid_and_shift_equivariance():
+  """ConvStem gives TubeletEmbed's token grid in (frame, row, col) order, and content moved by one patch moves
+  its interior tokens by one grid cell (shared conv weights: a pattern is read the same at every position)."""
+  with nnx.use_eager_sharding(False):
+    stem = ConvStem(8, 4, E, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  frames = np.zeros((1, 2, 64, 64, 3), np.float32)
+  frames[0, :, 24:40, 16:32] = rng.uniform(-1, 1, (2, 16, 16, 3))
+  moved = np.roll(frames, 8, axis=3)  # 8 px right = one patch
+  a = np.asarray(stem(jnp.asarray(frames))).reshape(2, 8, 8, E)
+  b = np.asarray(stem(jnp.asarray(moved))).reshape(2, 8, 8, E)
+  assert a.shape == (2, 8, 8, E)
+  np.testing.assert_allclose(b[:, 2:6, 2:6], a[:, 2:6, 1:5], atol=1e-5)
+  assert np.abs(a[:, 2:6, 1:5] - a[:, 2:6, 2:6]).max() > 1e-2  # the content does differ between those cells
+  # per frame: frame 1's tokens do not depend on frame 0's pixels
+  other = frames.copy()
+  other[0, 0] = rng.uniform(-1, 1, (64, 64, 3))
+  np.testing.assert_allclose(np.asarray(stem(jnp.asarray(other))).reshape(2, 8, 8, E)[1], a[1], atol=1e-6)
+  with pytest.raises(ValueError, match="power of two"):
+    ConvStem(6, 4, E, rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------- bridge and retriever

@@ -26,7 +26,7 @@ from vidlm.models.registry import build_model
 SPEC = "experiments/memory_bridge.py:smoke"
 # jitted entry points taking the model as an argument (eager op-by-op calls are slow on a loaded CPU)
 _forward = nnx.jit(lambda model, frames, tokens: model(frames, tokens))
-_segments = nnx.jit(lambda model, frames: model.segments(frames))
+_segments = nnx.jit(lambda model, frames, count=None: model.segments(frames, count))
 _scores = nnx.jit(lambda model, batch: model.loss(batch, per_example=True))
 
 
@@ -57,7 +57,8 @@ def _batch(cfg, n=4, frames=None, tier="a", seed=0):
 @pytest.mark.parametrize("field,value", [
   ("segment_stride", "9"), ("segment_length", "0"), ("memory_tokens", "0"), ("segment_mode", "shots"),
   ("decoder_reads", "all"), ("max_segments", "1"), ("head_dim", "7"), ("remat", "most"), ("dtype", "fp8"),
-  ("frame_layers", "-1"), ("position_embed", "maybe"),
+  ("frame_layers", "-1"), ("position_embed", "maybe"), ("segment_layers", "-1"), ("patch_embed", "cnn"),
+  ("stem_channels", "0"),
 ])
 def test_bad_fields_are_one_line_naming_the_field(field, value):
   cfg = C.load_config(SPEC)
@@ -112,7 +113,10 @@ def test_greedy_generation_equals_the_teacher_forced_forward():
     np.testing.assert_allclose(np.asarray(out.logits[b, :steps]), want, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode,extras", [("fixed", dict(frame_layers=1, position_embed=True)), ("scene", {})])
+@pytest.mark.parametrize("mode,extras", [
+  ("fixed", dict(frame_layers=1, position_embed=True, segment_layers=1, patch_embed="conv", stem_channels=4)),
+  ("scene", {}),
+])
 def test_padding_segments_never_change_the_result(mode, extras):
   base = _cfg(segment_mode=mode, **extras)
   padded = _cfg(segment_mode=mode, max_segments=9, **extras)
@@ -124,6 +128,39 @@ def test_padding_segments_never_change_the_result(mode, extras):
   table, _, valid = _segments(big, batch["frames"])
   assert table.shape[1] == 9 and not bool(jnp.all(valid))  # padding segments really are there
   np.testing.assert_allclose(_forward(big, batch["frames"], batch["tokens"]), want, atol=1e-5, rtol=1e-5)
+
+
+def _padded_batch(cfg, counts, tier="a", seed=0):
+  """Examples of counts[i] frames each, padded with random frames to cfg.data.frames -> (unpadded examples, batch
+  with `frame_count`): rows of different lengths in one static-shape batch, the padding garbage on purpose."""
+  d, rng = cfg.data, np.random.default_rng(seed)
+  exs, rows = [], []
+  for i, n in enumerate(counts):
+    ex = contract.model_example(procedural.make_example(seed, i, frames=n, height=d.height, width=d.width,
+                                                        tier=tier, text_len=d.text_len))
+    pad = rng.integers(0, 256, (d.frames - n, *ex["frames"].shape[1:]), dtype=np.uint8)
+    exs.append(ex)
+    rows.append({**ex, "frames": np.concatenate([ex["frames"], pad]), "cut_frames": np.full(d.frames, -1, np.int32),
+                 "frame_count": np.int32(n)})
+  return exs, {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "scene"])
+def test_padding_frames_never_change_a_result(mode):
+  """frame_count: each row of a batch of 2..8 real frames (padded with random frames to 8) gives the loss of its
+  unpadded video alone; the number of valid segments differs between rows."""
+  cfg = _cfg(segment_mode=mode, **({"segment_layers": 1, "frame_layers": 1} if mode == "fixed" else {}))
+  model = build_model(cfg, nnx.Rngs(6))
+  counts = [8, 6, 4, 2] if mode == "fixed" else [8, 6]
+  exs, batch = _padded_batch(cfg, counts)
+  _, _, valid = _segments(model, batch["frames"], batch["frame_count"])
+  if mode == "fixed":
+    np.testing.assert_array_equal(np.asarray(valid.sum(1)), [3, 2, 1, 1])
+  _, sums = _scores(model, batch)
+  for i, ex in enumerate(exs):
+    alone = {k: jnp.asarray(v)[None] for k, v in ex.items()}
+    _, want = _scores(model, alone)
+    np.testing.assert_allclose(sums["loss_sum"][i : i + 1], want["loss_sum"], rtol=2e-5, atol=1e-6)
 
 
 def test_scene_segments_vary_per_row_and_each_row_equals_itself_alone():
@@ -213,8 +250,9 @@ def test_whole_model_gradients_through_33_segments_equal_an_unrolled_loop():
 # ------------------------------------------------------------------ learning
 
 
-def test_a_short_cpu_training_run_learns():
-  """60 Adam steps of a tiny model on tier (a), 16x16 frames: the answer loss falls by more than half and token
+def test_a_short_cpu_training_run_on_a_variable_number_of_segments_learns():
+  """60 Adam steps of a tiny model on tier (a), 16x16 frames, every batch mixing videos of 2 to 8 real frames
+  (padded to 8: 1 to 3 valid segments a row, `frame_count`): the answer loss falls by more than half and token
   accuracy rises well above its start. (That is the answer's form and EOS; reading the needle at 1x-32x is what
   experiments/memory_bridge.py measures, minutes of training, not seconds.)"""
   cfg = _cfg(frames=8, size=16)
@@ -230,8 +268,9 @@ def test_a_short_cpu_training_run_learns():
     return optax.apply_updates(state, upd), opt_state, loss, sums
 
   losses, accs = [], []
+  counts = np.random.default_rng(7).choice([2, 4, 6, 8], size=(60, 16))
   for i in range(60):
-    _, batch = _batch(cfg, n=16, seed=100 + i)
+    _, batch = _padded_batch(cfg, counts[i].tolist(), seed=100 + i)
     state, opt_state, loss, sums = step(state, opt_state, batch)
     losses.append(float(loss))
     accs.append(float(sums["correct"] / sums["weight"]))

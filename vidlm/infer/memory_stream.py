@@ -130,7 +130,7 @@ def ingest(model, state: MemoryState, frames: jax.Array, *, eviction: str = "fif
   seq_valid = jnp.concatenate([state.tail_valid, jnp.ones((b, t), bool)], axis=1)
   k = t // stride
   idx = np.arange(k)[:, None] * stride + np.arange(length)[None, :]  # [K, L] frames of each segment in seq
-  tokens = model.add_slot_embed(seq[:, idx]).reshape(b, k, length * p, e)  # + slot-in-segment embedding
+  tokens = model.segment_tokens(seq[:, idx]).reshape(b, k, length * p, e)  # + slot embedding, segment blocks
   valid = seq_valid[:, idx].all(-1)  # [B, K]: a segment touching the padding before the stream's start is skipped
   token_mask = jnp.broadcast_to(valid[..., None], (b, k, length * p))
   gh, gw = _grid_hw(model, frames.shape)

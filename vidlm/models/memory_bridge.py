@@ -45,6 +45,7 @@ from layers.cache import KVCache
 from layers.embed import TokenEmbed, TubeletEmbed
 from layers.memory import (
   BridgeLayer,
+  ConvStem,
   MemoryReader,
   Retriever,
   run_segments,
@@ -64,6 +65,7 @@ from vidlm.sharding import constrain
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SEGMENT_MODES = ("fixed", "scene")
 DECODER_READS = ("cache", "cache+final", "cache+last")
+PATCH_EMBEDS = ("linear", "conv")
 
 
 @dataclasses.dataclass
@@ -82,8 +84,19 @@ class MemoryBridgeConfig(config_lib.ModelSection):
   # tokens: values then carry where a token is (RoPE only shapes attention scores), which reading a motion's
   # direction needs. Both are bounded by the frame size and model.segment_length, so every one is seen in training
   position_embed: bool = False
+  # transformer blocks over each segment's tokens (all its frames; bidirectional, 3D RoPE on (slot, row, col),
+  # padded frames masked) between the slot embedding and the bridge: tokens compare frames before the bridge's one
+  # layer compresses them into M memory tokens. Measured: without them the bridge does not learn tier (c)'s motion
+  # direction (the memory's single read of the segment cannot compare two frames' marker positions);
+  # experiments/memory_bridge.py
+  segment_layers: int = 0
   vocab_size: int = 260
   tubelet: tuple[int, int, int] = (1, 8, 8)  # (frames, height, width) of one video token
+  # how a frame becomes tokens: linear (one linear map of each tubelet, as VideoLM) | conv (layers/memory/stem.py:
+  # strided 3x3 convolutions to the same token grid; needs tubelet (1, p, p), p a power of two). Measured: with
+  # linear, small needles (tier b's 1-px digits, tier c's marker) are memorised, not read (chance held out)
+  patch_embed: str = "linear"
+  stem_channels: int = 32  # conv: channels of the first convolution (doubling at each stride-2 one)
   memory_tokens: int = 4  # M: memory tokens carried between segments and written to the bank per segment
   segment_mode: str = "fixed"  # fixed | scene (SceneTiling on per-frame pixels, threshold boundaries)
   # frames (tubelet time steps) per segment: fixed mode's length; scene mode's cap (longer scenes are sub-sampled
@@ -117,8 +130,9 @@ class MemoryBridgeConfig(config_lib.ModelSection):
          f"must be >= {tokenizer.VOCAB_SIZE} (256 bytes + PAD/BOS/EOS/SEP of the byte tokenizer)")
     need(m.segment_stride <= m.segment_length, "model.segment_stride", m.segment_stride,
          f"must be <= model.segment_length={m.segment_length} (a larger stride would skip frames)")
-    need(isinstance(m.frame_layers, int) and m.frame_layers >= 0, "model.frame_layers", m.frame_layers,
-         "must be an integer >= 0")
+    for name in ("frame_layers", "segment_layers"):
+      v = getattr(m, name)
+      need(isinstance(v, int) and v >= 0, f"model.{name}", v, "must be an integer >= 0")
     need(isinstance(m.max_segments, int) and m.max_segments >= 0, "model.max_segments", m.max_segments,
          "must be 0 (derived from the video length) or a positive segment count")
     need(m.segment_mode in SEGMENT_MODES, "model.segment_mode", m.segment_mode, f"expected {' | '.join(SEGMENT_MODES)}")
@@ -135,6 +149,14 @@ class MemoryBridgeConfig(config_lib.ModelSection):
          m.tubelet, "expected three positive ints (t, h, w)")
     need(isinstance(m.length_scaling, bool), "model.length_scaling", m.length_scaling, "expected true or false")
     need(isinstance(m.position_embed, bool), "model.position_embed", m.position_embed, "expected true or false")
+    need(m.patch_embed in PATCH_EMBEDS, "model.patch_embed", m.patch_embed, f"expected {' | '.join(PATCH_EMBEDS)}")
+    need(isinstance(m.stem_channels, int) and m.stem_channels >= 1, "model.stem_channels", m.stem_channels,
+         "must be an integer >= 1")
+    if m.patch_embed == "conv":
+      t, th, tw = m.tubelet
+      pow2 = th == tw and th >= 2 and not th & (th - 1)
+      need(t == 1 and pow2, "model.tubelet", m.tubelet,
+           "must be (1, p, p) with p a power of two >= 2 for model.patch_embed=conv (the stem halves H and W per conv)")
 
   def validate(self, cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
     """Tubelet vs data shapes, the segment count at this length, and the attention settings this model has no
@@ -233,11 +255,15 @@ class MemoryBridgeLM(nnx.Module):
     m, a = cfg.model, cfg.attention
     self.plan, self.decoder_reads = SegmentPlan.of(m), m.decoder_reads
     self.tubelet = tuple(m.tubelet)
+    self._grid = tuple(config_lib.video_grid(cfg)[1:])  # (rows, cols) of tubelets per frame
     self.dtype, param_dtype = _DTYPES[m.dtype], _DTYPES[m.param_dtype]
     self.remat, self.head_dim, self.rope_theta = m.remat, m.head_dim, m.rope_theta
     self.num_heads, self.decoder_layers = m.num_heads, m.decoder_layers
     dt = dict(dtype=self.dtype, param_dtype=param_dtype)
-    self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, rngs=rngs, **dt)
+    if m.patch_embed == "conv":
+      self.video_embed = ConvStem(self.tubelet[1], m.stem_channels, m.embed_dim, rngs=rngs, **dt)
+    else:
+      self.video_embed = TubeletEmbed(self.tubelet, 3, m.embed_dim, rngs=rngs, **dt)
     self.text_embed = TokenEmbed(m.vocab_size, m.embed_dim, rngs=rngs, **dt)
     # learned initial memory; unit-scale and random so the M tokens start (and stay) distinct: they share the
     # bridge's position (0, 0, 0), and identical tokens would stay identical through every layer
@@ -249,6 +275,14 @@ class MemoryBridgeLM(nnx.Module):
                                head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
                                rope_theta=m.rope_theta, rngs=r, **dt),
         m.frame_layers, rngs,
+      )
+    self.segment_layers = m.segment_layers
+    if m.segment_layers:
+      self.segment_blocks = scan.stack(
+        lambda r: DecoderBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_heads,
+                               head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
+                               rope_theta=m.rope_theta, rngs=r, **dt),
+        m.segment_layers, rngs,
       )
     self.position_embed = m.position_embed
     if m.position_embed:
@@ -278,18 +312,22 @@ class MemoryBridgeLM(nnx.Module):
 
   # ------------------------------------------------------------------ video -> memory bank
 
-  def segments(self, frames: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def segments(self, frames: jax.Array, frame_count: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """frames [B, F, H, W, 3] -> (frame table [B, K, L] int32 over tubelet time steps, frame mask [B, K, L],
-    segment valid [B, K]); K from the length (`SegmentPlan.num_segments`)."""
+    segment valid [B, K]); K from the length (`SegmentPlan.num_segments`). frame_count [B] int32 (optional): each
+    row's real frames (a multiple of the tubelet's time size), the rest padding that no segment reads, so a row
+    gets the segments of its own length: a variable number of valid segments in one static-shape batch."""
     b, f = frames.shape[:2]
     t = f // self.tubelet[0]
     plan = self.plan
     k = plan.num_segments(t)
+    steps = None if frame_count is None else jnp.asarray(frame_count, jnp.int32) // self.tubelet[0]
     if plan.mode == "fixed":
-      return strided_frame_table(b, t, segment_length=plan.length, stride=plan.stride, max_segments=k)
+      return strided_frame_table(b, t, segment_length=plan.length, stride=plan.stride, max_segments=k,
+                                 num_frames=steps)
     # SceneTiling on raw pixels (parameter-free, so boundaries do not move as the embedding trains)
     feats = frames.reshape(b, t, -1).astype(jnp.float32) / 127.5 - 1.0
-    ids, count = scene_tiling(feats, max_segments=k, min_length=plan.min_length, mode="threshold",
+    ids, count = scene_tiling(feats, steps, max_segments=k, min_length=plan.min_length, mode="threshold",
                               threshold_std=plan.threshold_std)
     return segment_frame_table(ids, count, max_segments=k, frames_per_segment=plan.length)
 
@@ -316,13 +354,34 @@ class MemoryBridgeLM(nnx.Module):
       x = scan.apply(self.frame_blocks, residual(x.reshape(b * t, p, e)), frame_body, remat=self.remat)
     return constrain(x.reshape(b, t, p, e), ("batch", None, None, "embed"))
 
-  def add_slot_embed(self, tokens: jax.Array) -> jax.Array:
-    """Segment tokens [B, K, L, P, E] + the embedding of each frame's slot in its segment (`position_embed`)."""
-    if not self.position_embed:
+  def segment_tokens(self, tokens: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    """Segment tokens [B, K, L, P, E] -> the bridge's input tokens [B, K, L, P, E]: + the embedding of each
+    frame's slot in its segment (`position_embed`), then the segment blocks (`segment_layers`), each segment on
+    its own, its padded frames (frame_mask [B, K, L] False; None = all real) invisible to its real ones. Shared
+    with streaming ingest (vidlm/infer/memory_stream.py)."""
+    if self.position_embed:
+      tokens = tokens + self.slot_embed[...].astype(tokens.dtype)[:, None]
+    if not self.segment_layers:
       return tokens
-    return tokens + self.slot_embed[...].astype(tokens.dtype)[:, None]
+    b, k, seg_len, p, e = tokens.shape
+    gh, gw = self._grid
+    if gh * gw != p:
+      raise ValueError(f"memory_bridge segment blocks: {p} tokens per frame, the model was built for {gh}x{gw}")
+    jj, hh, ww = np.meshgrid(np.arange(seg_len), np.arange(gh), np.arange(gw), indexing="ij")
+    pos = np.stack([jj, hh, ww], -1).reshape(seg_len * p, 3).astype(np.int32)  # (slot, row, col)
+    if frame_mask is None:
+      ids = jnp.ones((b * k, seg_len * p), jnp.int32)
+    else:  # real tokens see real ones; padded ones see padded ones (never an empty row, so no NaN to mask away)
+      ids = jnp.repeat(frame_mask.reshape(b * k, seg_len), p, axis=1).astype(jnp.int32)
+    residual = lambda y: constrain(y, ("batch", None, "embed"))
 
-  def segment_inputs(self, frames: jax.Array) -> tuple[jax.Array, ...]:
+    def body(block, y):
+      return block(y, pos, mask=MaskSpec.bidirectional(), segment_ids=(ids, ids), constrain=residual)
+
+    x = scan.apply(self.segment_blocks, residual(tokens.reshape(b * k, seg_len * p, e)), body, remat=self.remat)
+    return x.reshape(b, k, seg_len, p, e)
+
+  def segment_inputs(self, frames: jax.Array, frame_count: jax.Array | None = None) -> tuple[jax.Array, ...]:
     """frames [B, F, H, W, 3] -> the recurrence's inputs: (initial memory [B, M, E], segment tokens [B, K, L*P, E],
     token mask [B, K, L*P] bool, segment valid [B, K] bool, within-segment positions [B, K, L*P, 3] int32)."""
     b, f, h, w, _ = frames.shape
@@ -331,10 +390,10 @@ class MemoryBridgeLM(nnx.Module):
     p = gh * gw
     x = self.frame_tokens(frames)  # [B, T, P, E]
     e = x.shape[-1]
-    table, fmask, valid = self.segments(frames)  # [B, K, L], [B, K, L], [B, K]
+    table, fmask, valid = self.segments(frames, frame_count)  # [B, K, L], [B, K, L], [B, K]
     k, seg_len = table.shape[1:]
     tokens = jnp.take_along_axis(x, table.reshape(b, k * seg_len)[:, :, None, None], axis=1)  # [B, K*L, P, E]
-    tokens = self.add_slot_embed(tokens.reshape(b, k, seg_len, p, e))
+    tokens = self.segment_tokens(tokens.reshape(b, k, seg_len, p, e), fmask)
     tokens = constrain(tokens.reshape(b, k, seg_len * p, e), ("batch", None, None, "embed"))
     token_mask = jnp.repeat(fmask, p, axis=2)  # [B, K, L*P]
     jj, hh, ww = np.meshgrid(np.arange(seg_len), np.arange(gh), np.arange(gw), indexing="ij")
@@ -363,9 +422,9 @@ class MemoryBridgeLM(nnx.Module):
       bank_valid = jnp.concatenate([bank_valid, mask_last], axis=1)
     return constrain(bank, ("batch", None, "embed")), bank_valid
 
-  def encode(self, frames: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def encode(self, frames: jax.Array, frame_count: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """frames [B, F, H, W, 3] -> (bank [B, S, E], bank_valid [B, S] bool): segment, recur, collect."""
-    mem0, tokens, token_mask, valid, pos = self.segment_inputs(frames)
+    mem0, tokens, token_mask, valid, pos = self.segment_inputs(frames, frame_count)
     carry, (_, outs) = run_segments(self.bridge, self.retriever, mem0, tokens, token_mask, valid, pos,
                                     remat=self.remat)
     return self.memory_bank(carry, outs, token_mask)
@@ -399,9 +458,9 @@ class MemoryBridgeLM(nnx.Module):
     """tokens int32 [B, L] reading bank [B, S, E] -> text logits float32 [B, L, V] (teacher-forced decoder)."""
     return self._decode_text(tokens, np.arange(tokens.shape[1]), bank, bank_valid)[0]
 
-  def __call__(self, frames: jax.Array, tokens: jax.Array) -> jax.Array:
+  def __call__(self, frames: jax.Array, tokens: jax.Array, frame_count: jax.Array | None = None) -> jax.Array:
     """frames uint8/float [B, F, H, W, 3], tokens int32 [B, L] -> text logits float32 [B, L, V]."""
-    return self.read(tokens, *self.encode(frames))
+    return self.read(tokens, *self.encode(frames, frame_count))
 
   def prefill(self, frames: jax.Array, prompt: jax.Array, *, prompt_lengths: jax.Array | None = None,
               max_new_tokens: int = 64) -> tuple[jax.Array, MemoryCache]:
@@ -430,8 +489,11 @@ class MemoryBridgeLM(nnx.Module):
 
   def loss(self, batch: dict[str, jax.Array], *, per_example: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Masked next-token cross-entropy on the answer tokens (`losses.answer_loss`). Reads frames and the text
-    arrays; segmentation is the model's own (the batch's cut_frames are ground truth for tests, not an input)."""
-    return losses.answer_loss(self(batch["frames"], batch["tokens"]), batch, per_example=per_example)
+    arrays, and an optional `frame_count` [B] int32 (each row's real frames, the rest padding: training on a
+    variable number of segments); segmentation is the model's own (the batch's cut_frames are ground truth for
+    tests, not an input)."""
+    logits = self(batch["frames"], batch["tokens"], batch.get("frame_count"))
+    return losses.answer_loss(logits, batch, per_example=per_example)
 
   summarise = staticmethod(losses.summarise_answer)
 
