@@ -9,8 +9,12 @@ Measured (2026-11-30, this config, 400 steps; shared 2-core CPU at load average 
           5 depths x 10 seeds per cell, niavh_scoring=both: greedy decoding agreed with teacher forcing on every example):
             tier   1x (8 f)   8x (64 f)   32x (256 f)   128x (1024 f, 511 segments; teacher-forced only)
             a      100 %      100 %       100 %         100 %
-            b        4 %        0 %         0 %         -
-            c       56 %       46 %        52 %         -   (chance: 50 %)
+            b        4 %        0 %         0 %           0 %
+            c       56 %       46 %        52 %          56 %   (chance: 50 %)
+          128x b and c: the same step-400 checkpoint of the demo run (runs/demo/memory_bridge), 2026-11-30,
+          `vidlm eval --config experiments/memory_bridge.py --workdir <copy of it> --config.eval.length_multipliers=128
+          --config.eval.tiers=b,c --config.eval.niavh_scoring=teacher_forced --config.eval.evaluators=niavh`, 50
+          examples a tier, 1481 s on the shared 2-core CPU (load average 7-12).
           Tier (a) meets its targets (>= 90 % at 8x, >= 95 % at 32x). Tiers (b) and (c) miss theirs (>= 80 %): in this
           budget the model does not learn to read the 1-px 3x5 digits of (b)'s patch, nor (c)'s motion direction
           (at chance at every length), so what is missing is reading, not length generalisation.
