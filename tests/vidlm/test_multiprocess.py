@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.xdist_group("multiprocess")
+pytestmark = [pytest.mark.xdist_group("multiprocess"), pytest.mark.slow]  # slow: scheduled first (tests/conftest.py)
 ROOT = Path(__file__).resolve().parents[2]
 # mesh (data, fsdp, seq, tensor) = (1, 2, 4, 1) over 8 devices, process p holding devices 4p..4p+3: fsdp splits the
 # processes, seq runs inside each, and the weights (sharded over ("fsdp", "seq")) span both processes
