@@ -26,13 +26,19 @@ def _run(tmp_path, name, impl, mesh, layout="contiguous", remat="none"):
   return losses, trainer.evaluate_loss(max_batches=1)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The seq=1 run both ring meshes are compared with (the group keeps this module on one worker: built once)."""
+  return _run(tmp_path_factory.mktemp("ring_ref"), "xla", "xla", (8, 1, 1, 1))
+
+
 @pytest.mark.parametrize(
   ("mesh", "layout", "remat"),
   [((1, 2, 4, 1), "zigzag", "full"), ((2, 1, 2, 2), "contiguous", "none")],
   ids=["fsdp2-seq4-zigzag-remat", "data2-seq2-tensor2"],
 )
-def test_ring_training_follows_single_device_curve(tmp_path, mesh, layout, remat):
-  ref_losses, ref_eval = _run(tmp_path, "xla", "xla", (8, 1, 1, 1))
+def test_ring_training_follows_single_device_curve(tmp_path, reference, mesh, layout, remat):
+  ref_losses, ref_eval = reference
   ring_losses, ring_eval = _run(tmp_path, "ring", "ring", mesh, layout=layout, remat=remat)
   assert len(ring_losses) == len(ref_losses) == 2
   np.testing.assert_allclose(ring_losses, ref_losses, rtol=1e-4)
