@@ -166,6 +166,13 @@ def _kernel_and_reference(q, k, v, do, dlse, segment_ids, layout, *, mask, inter
   return (out, lse, g), (r_out, r_lse, vjp((do, dlse)))
 
 
+def _interpret(q, k, v, do, dlse, segment_ids, layout, *, mask):
+  """`_kernel_and_reference` in interpret mode, jitted whole: one XLA program instead of ~200 eager ones (the list
+  building, the reference and its vjp op by op): a fifth to a third less CPU time on these tests."""
+  run = jax.jit(functools.partial(_kernel_and_reference, mask=mask, interpret=True))
+  return run(q, k, v, do, dlse, segment_ids, layout)
+
+
 def _compare(q, kernel, ref, tol=1e-2, gtol=2e-2):
   (out, lse, grads), (r_out, r_lse, r_grads) = kernel, ref
   assert out.dtype == q.dtype and out.shape == q.shape and lse.shape == r_lse.shape
@@ -206,7 +213,7 @@ def test_interpret_matches_reference(case):
   rng = np.random.default_rng(50 + case)
   lay = _random_layout(rng, 1, hq if nh == "hq" else 1, t // 128, s // bk, 0.5, bk, empty_rows=empty, dup=case == 3)
   q, k, v, do, dlse, segment_ids = _inputs(jax.random.key(100 + case), 1, t, s, hq, hkv, 64, dtype, seg)
-  kernel, ref = _kernel_and_reference(q, k, v, do, dlse, segment_ids, lay, mask=mask, interpret=True)
+  kernel, ref = _interpret(q, k, v, do, dlse, segment_ids, lay, mask=mask)
   _compare(q, kernel, ref)
   if empty:  # a q block with nothing listed: out 0, lse -inf, dq 0
     rows = slice(empty[0] * 128, empty[0] * 128 + 128)
@@ -226,7 +233,7 @@ def test_interpret_hot_column_split(monkeypatch, nh):
   items = np.asarray(sparse_schedule.dkv_items(bwd, shp, hq, hkv)[0])
   assert np.sum(items[0, 0, 3] >= 0) >= 2  # the sink's run is cut into chunks with partial slots
   q, k, v, do, dlse, _ = _inputs(jax.random.key(11), 1, t, t, hq, hkv, 64, jnp.bfloat16, False)
-  kernel, ref = _kernel_and_reference(q, k, v, do, dlse, None, lay, mask=MaskSpec.bidirectional(), interpret=True)
+  kernel, ref = _interpret(q, k, v, do, dlse, None, lay, mask=MaskSpec.bidirectional())
   _compare(q, kernel, ref)
 
 
