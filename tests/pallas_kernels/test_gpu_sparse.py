@@ -101,11 +101,13 @@ def test_dkv_items_cover_every_run_once(min_chunk):
   nb, hq, hkv, n_q, n_k = 2, 4, 2, 12, 10
   lay = _sink_layout(rng, nb, hq, n_q, n_k, 2, 128, sink=n_k - 1)
   shp = sparse_schedule.shape_of(lay, n_k * 128)
-  fwd = sparse_schedule.forward_lists(MaskSpec.bidirectional(), lay, shp)
-  bwd = sparse_schedule.backward_lists(fwd, shp)
-  items, slot_run, run_block = (
-    np.asarray(x) for x in sparse_schedule.dkv_items(bwd, shp, hq, hkv, min_chunk=min_chunk)
-  )
+
+  def lists(lay):  # jitted whole, as ops runs them: one compile instead of dozens of eager ones
+    bwd = sparse_schedule.backward_lists(sparse_schedule.forward_lists(MaskSpec.bidirectional(), lay, shp), shp)
+    return bwd, sparse_schedule.dkv_items(bwd, shp, hq, hkv, min_chunk=min_chunk)
+
+  bwd, dkv = jax.jit(lists)(lay)
+  items, slot_run, run_block = (np.asarray(x) for x in dkv)
   p = sparse_schedule.dkv_slots(shp)
   start = np.asarray(bwd[1])
   assert items.shape == (nb, hkv, 4, n_k + p) and slot_run.shape == (nb, hkv, p) and run_block.shape == (nb, hkv, p // 2)
