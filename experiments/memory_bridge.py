@@ -25,6 +25,25 @@ one segment, and a longer video only adds segments. M = 8 memory tokens per segm
 order-free, sharpened by log(#keys) (vidlm/models/memory_bridge.py explains why that generalises in length). One
 per-frame block and (row, col) / slot-in-segment embeddings before the bridge: measured, without them tier (a)
 trained alone reached 100 %, but mixed with (b) and (c) only 28 % at 1x after 400 steps (tier c at chance).
+
+Why tiers (b) and (c) miss (measured 2026-11-30; the signal is there, the linear patch embedding does not learn to
+read it, and a reader that can is slower than this CPU budget):
+  * signal: at 32x32 the tier-(b) patch is 7x9 px with 1-px 3x5 digits, the tier-(c) marker 5x5 px stepping 4 px a
+    frame (8 px over the needle, so its patch column always changes once), all inside one overlapping segment.
+  * the whole model on one tier, 400 CPU steps (this recipe otherwise): tier (c) alone at chance (56 % / 46 % at
+    1x / 8x; train loss stuck at ln 2 per answer); the same with tubelet (2, 8, 8) or with one segment block
+    (`model.segment_layers=1`, tokens compare frames before the bridge) also at chance; tier (b) alone at chance
+    (loss 1.57 = ln 10 per digit at step 100). Not a length problem and not the recurrence: the front end.
+  * experiments/memory_bridge_probe.py trains the front end alone on the needle frames (finding the needle solved
+    for it): with this model's linear 8x8 patch embedding it memorises the 4,096 training examples and stays at
+    chance held out even after 3,200-3,500 GPU steps (b: 21-24 % first digit, chance 10 %; c: 47-48 %); with a
+    conv stem (`model.patch_embed=conv`, layers/memory/stem.py: weights shared over positions) held-out accuracy is
+    99-100 % on both tiers by step ~1,000-1,100 (one H200). So the fix is the tokenisation, and it needs more steps.
+  * the whole model with the conv stem and a segment block, mixed tiers, 400 CPU steps at lr 3e-3: tier (a) 0 %,
+    (b) 0 %, (c) 65 % at 1x (20 examples each): it learns nothing in this budget, and one step costs 2.8x the
+    CPU time (1.48 vs 0.53 CPU-s at batch 32; stem_channels=16: 1.2x). The demo recipe keeps the linear
+    embedding (tier a at 100 % to 128x); reading (b) and (c) needs the conv stem trained for thousands of steps,
+    which is an accelerator's budget, not the 10-minute CPU demo's (a GPU run of the whole model was not made).
 """
 
 from vidlm.config import Config, MeshConfig, apply_override, unknown_variant

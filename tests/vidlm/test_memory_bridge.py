@@ -148,14 +148,14 @@ def _padded_batch(cfg, counts, tier="a", seed=0):
 @pytest.mark.parametrize("mode", ["fixed", "scene"])
 def test_padding_frames_never_change_a_result(mode):
   """frame_count: each row of a batch of 2..8 real frames (padded with random frames to 8) gives the loss of its
-  unpadded video alone; the number of valid segments differs between rows."""
+  unpadded video alone; the number of valid segments differs between rows (fixed: 3, 2, 1)."""
   cfg = _cfg(segment_mode=mode, **({"segment_layers": 1, "frame_layers": 1} if mode == "fixed" else {}))
   model = build_model(cfg, nnx.Rngs(6))
-  counts = [8, 6, 4, 2] if mode == "fixed" else [8, 6]
+  counts = [8, 6, 2] if mode == "fixed" else [8, 6]
   exs, batch = _padded_batch(cfg, counts)
   _, _, valid = _segments(model, batch["frames"], batch["frame_count"])
   if mode == "fixed":
-    np.testing.assert_array_equal(np.asarray(valid.sum(1)), [3, 2, 1, 1])
+    np.testing.assert_array_equal(np.asarray(valid.sum(1)), [3, 2, 1])
   _, sums = _scores(model, batch)
   for i, ex in enumerate(exs):
     alone = {k: jnp.asarray(v)[None] for k, v in ex.items()}
