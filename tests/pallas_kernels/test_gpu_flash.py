@@ -87,9 +87,9 @@ def _check_against_reference(q, k, v, do, segment_ids, mask, cfg, interpret, gra
   dlse = None
   if grads and with_dlse:  # cotangent of lse too (ring attention differentiates through it)
     dlse = jax.random.normal(jax.random.key(q.shape[1] + 17), (q.shape[0], q.shape[2], q.shape[1]))
-  kernel, ref = _flash_and_reference(
-    q, k, v, do, segment_ids, dlse, mask=mask, cfg=cfg, interpret=interpret, grads=grads
-  )
+  # jitted whole here too (interpret mode): one program instead of ~100 eagerly compiled ones
+  run = jax.jit(functools.partial(_flash_and_reference, mask=mask, cfg=cfg, interpret=interpret, grads=grads))
+  kernel, ref = run(q, k, v, do, segment_ids, dlse)
   _compare(q, kernel, ref, tol)
 
 
