@@ -86,7 +86,13 @@ def test_stream_cli_procedural_and_bad_input(run_dir, tmp_path):
   rows = _answers(out.stdout)
   assert [r["frames"] for r in rows] == [16, 64]
   assert all(r["question"] == rows[0]["question"] and len(r["expected"]) > 0 for r in rows)
+  # positions within the cache: chunk, window and top-k sized to one training-length context (smoke: 4 frames)
+  out = _run("stream", *SMOKE, "--workdir", str(run_dir), "--procedural", "--frames", "64", "--needle-at", "1",
+             "--cache", "block_retrieval", "--rope-positions", "cache", "--select", "shared")
+  assert "rope_positions='cache'" in out.stdout and "select='shared'" in out.stdout, out.stdout[:800]
+  assert [r["frames"] for r in _answers(out.stdout)] == [64]
   bad = [
+    (["--procedural", "--rope-positions", "nope"], "invalid choice"),
     (["--video", str(tmp_path / "missing.mp4"), "--question", "q"], "missing.mp4: not found"),
     (["--procedural", "--frames", "0"], "--frames=0 must be >= 1"),
     (["--procedural", "--cache", "nope"], "invalid choice"),
@@ -131,3 +137,22 @@ def test_streaming_sweep_variants_validate(arg):
     cfg = sweep.check_variant(spec, name, sweep.variant_args([], overrides))  # raises ConfigError if rejected
     assert cfg.eval.evaluators == ("niavh_stream",) and cfg.eval.tiers == ("a",)
     assert cfg.model.name == ("memory_bridge" if name == "memory_bridge" else "video_lm")
+
+
+def test_niavh_stream_evaluator_runs_every_kind(run_dir):
+  """The streaming evaluator end to end on the smoke run: every cache kind at 1x and 2x, positions within the cache,
+  a JSON cell per (kind, multiplier) with an accuracy in [0, 1], the window's state the same at both lengths (the
+  retrieval store is sized to the stream) and the full cache's larger at 2x."""
+  out = _run("eval", *SMOKE, "--workdir", str(run_dir), "--config.eval.evaluators=niavh_stream",
+             "--config.eval.length_multipliers=1,2", "--config.eval.seeds=2", "--config.eval.tiers=a",
+             "--config.eval.stream_rope_positions=cache", "--config.eval.stream_select=shared")
+  result = json.loads((run_dir / "eval" / "niavh_stream.json").read_text())
+  cells = {(c["kind"], c["multiplier"]): c for c in result["cells"]}
+  assert set(cells) == {(k, m) for k in ("full", "sink_window", "block_retrieval") for m in (1, 2)}, out.stdout[-1500:]
+  assert all(0.0 <= c["accuracy"] <= 1.0 and len(c["answers"]) == 2 for c in cells.values())
+  for kind in ("sink_window", "block_retrieval"):
+    assert cells[kind, 1]["cache"]["rope_positions"] == "cache"
+  # the window's state is fixed; the evaluator sizes the retrieval store to the stream (FIFO past it)
+  assert cells["sink_window", 1]["state_bytes"] == cells["sink_window", 2]["state_bytes"]
+  assert cells["block_retrieval", 1]["cache"]["select"] == "shared"
+  assert cells["full", 2]["state_bytes"] > cells["full", 1]["state_bytes"]

@@ -42,7 +42,7 @@ def _streams(cfg, frames: int, tier: str, seeds: int, chunk: int):
 
 @register_evaluator("niavh_stream", headline=(("{}/{}x", "accuracy.*.*"),))
 def niavh_stream(ctx: EvalContext) -> dict:
-  from vidlm.infer.streaming import StreamingSession, default_cache_spec, is_memory_bridge  # noqa: PLC0415
+  from vidlm.infer.streaming import StreamingSession, default_cache_spec, is_memory_bridge, training_length_sizes  # noqa: PLC0415
 
   cfg = ctx.cfg
   e = cfg.eval
@@ -59,11 +59,9 @@ def niavh_stream(ctx: EvalContext) -> dict:
         chunk = min(2 * train_frames, frames)  # = the evicting caches' window: half the appends of 1x chunks
         sizes = {}
         if kind in ("sink_window", "block_retrieval") and e.stream_rope_positions == "cache":
-          tt = cfg.model.tubelet[0]
-          half = max(tt, train_frames // 2 // tt * tt)  # window = chunk, in whole tubelet rows
-          chunk = half
-          sizes = dict(window_frames=half // tt, top_k=max(1, (train_frames - half) // tt - 1),
-                       rope_positions="cache", score=e.stream_score, select=e.stream_select)
+          chunk, window, top_k = training_length_sizes(cfg)
+          sizes = dict(window_frames=window, top_k=top_k, rope_positions="cache", score=e.stream_score,
+                       select=e.stream_select)
         streams = _streams(cfg, frames, tier, seeds, chunk)
         spec = None if kind == "memory_bridge" else default_cache_spec(cfg, kind, max_frames=frames, chunk=chunk,
                                                                        **sizes)

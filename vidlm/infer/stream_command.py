@@ -42,7 +42,15 @@ def _parser():
   p.add_argument("--max-frames", type=int, default=None,
                  help="full cache capacity / retrieval store size in frames (default: --frames, or 4096 for --video)")
   p.add_argument("--window-frames", type=int, default=None, help="evicting caches: window in frames (default 2x training)")
-  p.add_argument("--top-k", type=int, default=4, help="block_retrieval: blocks retrieved per chunk / question")
+  p.add_argument("--top-k", type=int, default=None,
+                 help="block_retrieval: blocks retrieved per chunk / question (default 4; with --rope-positions cache: "
+                      "the rest of a training-length context)")
+  p.add_argument("--rope-positions", default="true", choices=("true", "cache"),
+                 help="evicting caches: attend keys at their true stream positions, or at positions within the cache "
+                      "(StreamingLLM / ReKV; then chunk, window and top-k default to one training-length context)")
+  p.add_argument("--score", default="mean", choices=("mean", "mass"), help="block_retrieval: how blocks are scored")
+  p.add_argument("--select", default="per_head", choices=("per_head", "shared"),
+                 help="block_retrieval: blocks chosen per kv head or once for all heads")
   p.add_argument("--memory-capacity", type=int, default=256, help="memory_bridge: bank size in segments")
   p.add_argument("--eviction", default="fifo", choices=("fifo", "score"), help="memory_bridge: bank eviction")
   p.add_argument("--max-answer", type=int, default=16, help="answer tokens at most")
@@ -69,7 +77,11 @@ def main(argv: list[str]) -> int:
   from vidlm.infer import frame_source  # noqa: PLC0415
 
   h, w = cfg.data.height, cfg.data.width
-  chunk = args.chunk or cfg.data.frames
+  from vidlm.infer.streaming import training_length_sizes  # noqa: PLC0415
+
+  sized = args.rope_positions == "cache" and args.cache != "full"  # one training-length context (see the helper)
+  ctx_chunk, ctx_window, ctx_top_k = training_length_sizes(cfg) if sized else (cfg.data.frames, None, 4)
+  chunk = args.chunk or ctx_chunk
   if args.video:
     source = frame_source.video_file_frames(args.video, h, w, chunk)  # a bad file fails here, before model work
     question, expected, total = args.question, None, None
@@ -91,7 +103,8 @@ def main(argv: list[str]) -> int:
   spec = None
   if not is_memory_bridge(model):
     spec = default_cache_spec(cfg, args.cache, max_frames=max_frames, chunk=chunk, max_answer=args.max_answer,
-                              window_frames=args.window_frames, top_k=args.top_k)
+                              window_frames=args.window_frames or ctx_window, top_k=args.top_k or ctx_top_k,
+                              rope_positions=args.rope_positions, score=args.score, select=args.select)
   # a stream is one row: it runs outside the training mesh (whose batch axes a single row cannot split)
   session = StreamingSession(model, cfg, cache_spec=spec, chunk=chunk, max_answer=args.max_answer,
                              memory_capacity=args.memory_capacity, eviction=args.eviction)

@@ -57,6 +57,17 @@ def tokens_per_frame(cfg) -> int:
   return (cfg.data.height // th) * (cfg.data.width // tw)
 
 
+def training_length_sizes(cfg) -> tuple[int, int, int]:
+  """(chunk frames, window frames in tubelet rows, top_k) for `rope_positions="cache"`: what a chunk or question
+  attends is one training-length video, sinks = frame 0 + top_k retrieved frames + a window of half the training
+  length (= the chunk); e.g. 8 frames: 1 + 3 + 4. The position remap makes that context read as the videos the
+  model was trained on; a longer context would put it out of distribution again."""
+  tt = cfg.model.tubelet[0]
+  train_frames = cfg.data.frames
+  half = max(tt, train_frames // 2 // tt * tt)  # window = chunk, in whole tubelet rows
+  return half, half // tt, max(1, (train_frames - half) // tt - 1)
+
+
 def default_cache_spec(cfg, kind: str, *, max_frames: int = 1024, chunk: int | None = None, max_answer: int = 16,
                        window_frames: int | None = None, blocks: int | None = None, top_k: int = 4,
                        rope_positions: str = "true", score: str = "mean", select: str = "per_head") -> CacheSpec:
