@@ -17,7 +17,12 @@ Expected: the dense baseline answers ~100 % at 1x and ~0 beyond (its text and fr
             dense_interp       100 / 100 / 100 / 100 / 50 %   (76 % at 128x, 50 % at 256x over 50 examples)
             dense_long           100 / 0 / 0 / 0 / 8 %
             dense_random_long   92 / 75 / 83 / 83 %, 128x 3 of 3 (CPU, 3 examples only)
-          tiers (b) and (c): 0 % for every variant (never trained by the demo recipe).
+          tiers (b) and (c): 0 % for every dense variant (never trained by the demo recipe).
+          mb_fixed / mb_scene (CPU sweep at 1x / 8x / 32x, `--variants mb_fixed,mb_scene
+          --config.eval.length_multipliers=1,8,32`, 15 min 17 s on the shared 2-core CPU, 2026-11-30):
+            mb_fixed           a 100 / 100 / 100 %   b 17 / 0 / 0 %   c 67 / 25 / 67 %   (held-out exact match 56 %)
+            mb_scene           a 100 / 100 / 100 %   b  0 / 0 / 0 %   c 67 / 33 / 67 %   (held-out exact match 56 %)
+          (tier c: 12 examples a cell around chance, 50 %; experiments/memory_bridge.py says why b and c miss)
 Variant:  :smoke, a seconds-long version of the same sweep (4 steps, lengths 1x and 2x, tier a; no accuracy
           expectation), to check the path (tests/vidlm/test_ablation_long_context.py validates every variant).
 
