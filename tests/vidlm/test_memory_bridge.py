@@ -288,3 +288,20 @@ def test_train_and_eval_cli_with_generation(tmp_path, capsys):
   res = json.loads((tmp_path / "w" / "eval" / "niavh.json").read_text())
   assert [x["multiplier"] for x in res["lengths"]] == [1, 2]
   assert res["tiers"]["c"]["generate"]["agreement"] == 1.0  # greedy decoding agrees with teacher forcing
+
+
+def test_stream_equals_whole_video_with_conv_stem_and_segment_blocks():
+  """The streaming ingest (vidlm/infer/memory_stream.py) runs the same front end as the whole-video path with the
+  options that change it (conv patch embedding, segment blocks): 12 frames in 3 chunks give the model's logits."""
+  from vidlm.infer import memory_stream  # noqa: PLC0415
+
+  cfg = _cfg(frames=8, size=16, patch_embed="conv", stem_channels=4, segment_layers=1, position_embed=True)
+  model = build_model(cfg, nnx.Rngs(8))
+  frames = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, 12, 16, 16, 3), dtype=np.uint8))
+  state = memory_stream.init_state(model, batch=2, capacity=8, frame_shape=frames.shape[2:4])
+  ingest = nnx.jit(memory_stream.ingest)
+  for s in range(0, 12, 4):
+    state = ingest(model, state, frames[:, s : s + 4])
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 256, (2, 6)), jnp.int32)
+  np.testing.assert_allclose(memory_stream.read_logits(model, state, tokens), _forward(model, frames, tokens),
+                             atol=1e-5, rtol=1e-5)
