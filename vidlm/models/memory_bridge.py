@@ -21,6 +21,10 @@ Length-free by design, so a model trained on 8-frame videos runs on 1,000-frame 
     whole inside one segment, where the bridge sees its frames in order.
   * what a token may know of where it is is bounded by the frame and the segment: optional per-frame blocks
     (`frame_layers`) and learned (row, col) / slot-in-segment embeddings (`position_embed`), all seen in training.
+  * the front end is optional in three ways: a conv patch embedding (`patch_embed=conv`, layers/memory/stem.py)
+    that reads small patterns at any offset, segment blocks (`segment_layers`) that let tokens compare the frames of
+    a segment before the bridge, and a per-row `frame_count` in the batch (the rest of the row is padding that no
+    segment reads), so one static-shape batch trains on a variable number of segments in fixed mode too.
 
 Generation: `prefill` encodes the video once and runs the prompt through the decoder into a KV cache over the
 text; `decode_step` appends a token. The bank rides beside the text cache (`MemoryCache`), so greedy decoding
