@@ -211,7 +211,8 @@ def transpose_block_lists(
 
   Memory bound: the result has exactly as many entries as the input lists (nQ * W per leading index), since
   every listed (q, kv) pair appears once in each direction; no [nQ, nK] array is built. One stable sort of
-  nQ * W keys per leading index plus a binary search of the 2 * nK + 1 run boundaries: jittable, no host work.
+  nQ * W keys per leading index plus a binary search (unrolled: no while loop) of the 2 * nK + 1 run boundaries:
+  jittable, no host work.
   """
   *lead, n_q, w = kv_indices.shape
   nk = int(num_kv_blocks)
@@ -222,7 +223,10 @@ def transpose_block_lists(
   qv = jnp.broadcast_to(jnp.arange(n_q, dtype=jnp.int32)[:, None], (n_q, w)).reshape(1, n_q * w)
   key_s, q_s = jax.lax.sort((key, jnp.broadcast_to(qv, key.shape)), dimension=1, num_keys=1, is_stable=True)
   bounds = jnp.arange(2 * nk + 1, dtype=jnp.int32)
-  off = jax.vmap(lambda ks: jnp.searchsorted(ks, bounds, side="left"))(key_s).astype(jnp.int32)  # [L, 2nK+1]
+  # scan_unrolled: the default `scan` is a while loop, one iteration per level (16 at 128k, 5 %: ~0.5 ms on an
+  # H200, gpu/NOTES.md fifth round); unrolled, the levels fuse into one gather kernel. Same results.
+  search = lambda ks: jnp.searchsorted(ks, bounds, side="left", method="scan_unrolled")  # noqa: E731
+  off = jax.vmap(search)(key_s).astype(jnp.int32)  # [L, 2nK+1]
   starts, tag_starts = off[:, 0::2], off[:, 1::2]
   q_s = jnp.where(jnp.arange(n_q * w, dtype=jnp.int32) < starts[:, -1:], q_s, 0)
   return q_s.reshape(*lead, n_q * w), starts.reshape(*lead, nk + 1), tag_starts.reshape(*lead, nk)

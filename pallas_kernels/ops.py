@@ -23,7 +23,7 @@ the lse cotangent too (it only shifts the per-row delta: dS = P * (dP - delta + 
 `attention_forward` / `attention_backward` expose the same dispatch without the custom_vjp, for code that
 differentiates several kernel calls as one (ring attention feeds every hop's backward the merged out / lse).
 
-Residuals are (inputs, out, lse), tagged with `checkpoint_name` ("flash_out", "flash_lse") so a remat policy
+Residuals are (inputs, out, lse; on the GPU block-sparse path also the forward's kv lists), out / lse tagged with `checkpoint_name` ("flash_out", "flash_lse") so a remat policy
 such as `jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse")` keeps them.
 """
 
@@ -262,12 +262,12 @@ def _forward(st: _Static, q, k, v, segment_ids, layout):
   )
 
 
-def _backward(st: _Static, q, k, v, segment_ids, layout, out, lse, dout, dlse):
+def _backward(st: _Static, q, k, v, segment_ids, layout, out, lse, dout, dlse, lists=None):
   kw = dict(mask=st.mask, scale=st.scale)
   if st.backend == "gpu" and layout is not None:
     from pallas_kernels.gpu.sparse_backward import sparse_backward  # noqa: PLC0415  (importable: _plan checked)
 
-    return sparse_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse=dlse, **kw)
+    return sparse_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse=dlse, fwd_lists=lists, **kw)
   if st.backend == "gpu":
     return _gpu_module().flash_backward(q, k, v, segment_ids, out, lse, dout, config=st.config, dlse=dlse, **kw)
   if st.backend in ("tpu", "interpret"):
@@ -294,10 +294,18 @@ def _zero_cotangent(x):
 
 
 def _fwd_common(st, q, k, v, segment_ids, layout):
-  out, lse = _forward(st, q, k, v, segment_ids, layout)
+  """(out, lse, lists): lists = the GPU block-sparse forward's kv lists (a residual: the backward's dQ walks the
+  same lists and dK/dV their transpose, so it need not build them again), None on every other path."""
+  lists = None
+  if st.backend == "gpu" and layout is not None:
+    from pallas_kernels.gpu.sparse_forward import sparse_forward  # noqa: PLC0415  (importable: _plan checked)
+
+    (out, lse), lists = sparse_forward(q, k, v, segment_ids, layout, mask=st.mask, scale=st.scale, return_lists=True)
+  else:
+    out, lse = _forward(st, q, k, v, segment_ids, layout)
   out = checkpoint_name(out, "flash_out")
   lse = checkpoint_name(lse, "flash_lse")
-  return out, lse
+  return out, lse, lists
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -306,13 +314,13 @@ def _attn_out(q, k, v, segment_ids, layout, st: _Static):
 
 
 def _attn_out_fwd(q, k, v, segment_ids, layout, st):
-  out, lse = _fwd_common(st, q, k, v, segment_ids, layout)
-  return out, (q, k, v, segment_ids, layout, out, lse)
+  out, lse, lists = _fwd_common(st, q, k, v, segment_ids, layout)
+  return out, (q, k, v, segment_ids, layout, out, lse, lists)
 
 
 def _attn_out_bwd(st, res, dout):
-  q, k, v, segment_ids, layout, out, lse = res
-  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, None)
+  q, k, v, segment_ids, layout, out, lse, lists = res
+  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, None, lists)
   return dq, dk, dv, _zero_cotangent(segment_ids), _zero_cotangent(layout)
 
 
@@ -325,16 +333,16 @@ def _attn_lse(q, k, v, segment_ids, layout, st: _Static):
 
 
 def _attn_lse_fwd(q, k, v, segment_ids, layout, st):
-  out, lse = _fwd_common(st, q, k, v, segment_ids, layout)
-  return (out, lse), (q, k, v, segment_ids, layout, out, lse)
+  out, lse, lists = _fwd_common(st, q, k, v, segment_ids, layout)
+  return (out, lse), (q, k, v, segment_ids, layout, out, lse, lists)
 
 
 def _attn_lse_bwd(st, res, cts):
-  q, k, v, segment_ids, layout, out, lse = res
+  q, k, v, segment_ids, layout, out, lse, lists = res
   dout, dlse = cts
   # rows with lse = -inf saw no key: their lse does not depend on the inputs
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, dlse)
+  dq, dk, dv = _backward(st, q, k, v, segment_ids, layout, out, lse, dout, dlse, lists)
   return dq, dk, dv, _zero_cotangent(segment_ids), _zero_cotangent(layout)
 
 

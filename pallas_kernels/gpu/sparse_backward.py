@@ -383,18 +383,23 @@ def sparse_backward(
   scale: float,
   interpret=False,
   dlse=None,
+  fwd_lists=None,
 ):
   """(dq [B, T, Hq, D], dk [B, S, Hkv, D], dv [B, S, Hkv, D]) in the input dtypes, over the listed tiles only.
 
   delta = rowsum(out * dout) (- dlse) in XLA, lse = -inf rows mapped to +inf in log2 units (P = 0 there), as in
-  the dense `flash_backward`; the lists are rebuilt from the layout on device (cheap next to the kernels).
+  the dense `flash_backward`. fwd_lists: the forward's `sparse_schedule.forward_lists` of this (mask, layout)
+  (`sparse_forward(..., return_lists=True)`; `ops` keeps them as custom_vjp residuals), else rebuilt here.
   """
   b, t, hq, d = q.shape
   s = k.shape[1]
   reason = sparse_schedule.layout_reason(layout, b, hq, t, s, d)
   if reason is not None:
     raise ValueError(f"pallas_kernels.gpu.sparse_backward: {reason}")
-  shp, fwd_lists, bwd_lists = sparse_schedule.build(mask, layout, s)
+  shp = sparse_schedule.shape_of(layout, s)
+  if fwd_lists is None:
+    fwd_lists = sparse_schedule.forward_lists(mask, layout, shp)
+  bwd_lists = sparse_schedule.backward_lists(fwd_lists, shp)
   delta, lse2 = backward_inputs(out, lse, dout, dlse)
   if segment_ids is not None:
     segment_ids = (segment_ids[0].astype(jnp.int32), segment_ids[1].astype(jnp.int32))
@@ -404,6 +409,5 @@ def sparse_backward(
   dq = _dq_call(fwd_lists, shp, *args, **kw)
   items, slot_run, run_block = sparse_schedule.dkv_items(bwd_lists, shp, hq, k.shape[2])
   dk, dv, pk, pv = _dkv_call(bwd_lists, items, shp, *args, **kw)
-  dk = sparse_schedule.merge_partials(dk, pk, slot_run, run_block, dk.dtype)
-  dv = sparse_schedule.merge_partials(dv, pv, slot_run, run_block, dv.dtype)
+  dk, dv = sparse_schedule.merge_partials(dk, dv, pk, pv, slot_run, run_block)
   return dq, dk, dv

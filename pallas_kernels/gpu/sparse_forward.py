@@ -48,8 +48,13 @@ def _ring_slots(bk: int, d: int, itemsize: int, has_seg: bool) -> int:
   return 2
 
 
-def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec, scale: float, interpret=False):
-  """out [B, T, Hq, D] (q.dtype), lse [B, Hq, T] float32 (natural log; -inf for rows that see nothing)."""
+def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec, scale: float, interpret=False,
+                   return_lists: bool = False):
+  """out [B, T, Hq, D] (q.dtype), lse [B, Hq, T] float32 (natural log; -inf for rows that see nothing).
+
+  return_lists: also return the forward lists it built ((out, lse), lists), for `sparse_backward(fwd_lists=)`:
+  the backward then does not build them again.
+  """
   b, t, hq, d = q.shape
   _, s, hkv, _ = k.shape
   reason = sparse_schedule.layout_reason(layout, b, hq, t, s, d)
@@ -57,7 +62,8 @@ def sparse_forward(q, k, v, segment_ids, layout: BlockLayout, *, mask: MaskSpec,
     raise ValueError(f"pallas_kernels.gpu.sparse_forward: {reason}")
   shp = sparse_schedule.shape_of(layout, s)
   lists = sparse_schedule.forward_lists(mask, layout, shp)
-  return forward_call(lists, shp, q, k, v, segment_ids, mask=mask, scale=scale, interpret=interpret)
+  res = forward_call(lists, shp, q, k, v, segment_ids, mask=mask, scale=scale, interpret=interpret)
+  return (res, lists) if return_lists else res
 
 
 def forward_call(lists, shp: sparse_schedule.SparseShape, q, k, v, segment_ids, *, mask: MaskSpec, scale: float,

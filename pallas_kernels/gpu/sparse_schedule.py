@@ -144,7 +144,8 @@ def dkv_items(bwd, shp: SparseShape, hq: int, hkv: int, min_chunk: int | None = 
   csum = jnp.cumsum(nch, axis=-1)  # [nbr, nhr, nK]
   it = jnp.arange(n_k + p, dtype=jnp.int32)
   flat = csum.reshape(-1, n_k)
-  j = jax.vmap(lambda cs: jnp.searchsorted(cs, it, side="right"))(flat).reshape(*csum.shape[:-1], n_k + p)
+  search = lambda cs: jnp.searchsorted(cs, it, side="right", method="scan_unrolled")  # noqa: E731  (no while loop)
+  j = jax.vmap(search)(flat).reshape(*csum.shape[:-1], n_k + p)
   valid = it < csum[..., -1:]
   j = jnp.minimum(j, n_k - 1).astype(jnp.int32)
   take = lambda a: jnp.take_along_axis(a, j, axis=-1)  # noqa: E731
@@ -170,29 +171,34 @@ def dkv_items(bwd, shp: SparseShape, hq: int, hkv: int, min_chunk: int | None = 
   return items, slot_run.reshape(*lead, p), run_block.reshape(*lead, r)
 
 
-def merge_partials(dk, pk, slot_run, run_block, dtype):
-  """dk [B, S, Hkv, D] with the rows of split kv blocks replaced by the sums of their fp32 partials.
+def merge_partials(dk, dv, pk, pv, slot_run, run_block):
+  """(dk, dv) [B, S, Hkv, D] with the rows of split kv blocks replaced by the sums of their fp32 partials.
 
-  pk [B, Hkv, P, block_kv, D] float32 (unwritten slots hold anything: they add into the dropped rank R);
+  pk / pv [B, Hkv, P, block_kv, D] float32 (unwritten slots hold anything: they add into the dropped rank R);
   slot_run [nbr, nhr, P], run_block [nbr, nhr, R] from `dkv_items` (broadcast over batch / kv heads).
+  Both under ONE `lax.cond`, skipped when nothing was split (most layouts): a GPU conditional reads its
+  predicate on the host, so one cond instead of one per tensor halves those reads.
   """
   b, s, hkv, d = dk.shape
   _, _, p, bk, _ = pk.shape
   r = run_block.shape[-1]
   n_k = s // bk
 
-  def merge(dk):
+  def merge(dkv):
     sr = jnp.broadcast_to(slot_run, (b, hkv, p))
     rb = jnp.broadcast_to(run_block, (b, hkv, r))
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hkv)[None, :, None]
-    sums = jnp.zeros((b, hkv, r + 1, bk, d), jnp.float32).at[bi, hi, sr].add(pk)[:, :, :r]
-    dk5 = dk.reshape(b, n_k, bk, hkv, d)
-    dk5 = dk5.at[bi, rb, :, hi, :].set(sums.astype(dtype), mode="drop")
-    return dk5.reshape(b, s, hkv, d)
 
-  # most layouts split nothing (no run longer than the chunk): skip the scatters over the P slots then
-  return jax.lax.cond(jnp.any(run_block < n_k), merge, lambda x: x, dk)
+    def one(x, part):
+      sums = jnp.zeros((b, hkv, r + 1, bk, d), jnp.float32).at[bi, hi, sr].add(part)[:, :, :r]
+      x5 = x.reshape(b, n_k, bk, hkv, d)
+      x5 = x5.at[bi, rb, :, hi, :].set(sums.astype(x.dtype), mode="drop")
+      return x5.reshape(b, s, hkv, d)
+
+    return one(dkv[0], pk), one(dkv[1], pv)
+
+  return jax.lax.cond(jnp.any(run_block < n_k), merge, lambda x: x, (dk, dv))
 
 
 def build(mask: MaskSpec, layout: BlockLayout, s: int):

@@ -153,12 +153,17 @@ def _inputs(key, b, t, s, hq, hkv, d, dtype, seg: bool):
   return q, k, v, do, dlse, segment_ids
 
 
-def _kernel_and_reference(q, k, v, do, dlse, segment_ids, layout, *, mask, interpret):
-  """((out, lse, (dq, dk, dv)), (r_out, r_lse, r_grads)): a pure function, jitted whole in the `gpu` tests."""
+def _kernel_and_reference(q, k, v, do, dlse, segment_ids, layout, *, mask, interpret, reuse_lists=True):
+  """((out, lse, (dq, dk, dv)), (r_out, r_lse, r_grads)): a pure function, jitted whole in the `gpu` tests.
+
+  reuse_lists: the backward walks the forward's lists (what `ops` does), else it builds them itself."""
   scale = q.shape[-1] ** -0.5
-  out, lse = sparse_forward(q, k, v, segment_ids, layout, mask=mask, scale=scale, interpret=interpret)
+  (out, lse), fl = sparse_forward(
+    q, k, v, segment_ids, layout, mask=mask, scale=scale, interpret=interpret, return_lists=True
+  )
   g = sparse_backward(
-    q, k, v, segment_ids, layout, out, lse, do, mask=mask, scale=scale, interpret=interpret, dlse=dlse
+    q, k, v, segment_ids, layout, out, lse, do, mask=mask, scale=scale, interpret=interpret, dlse=dlse,
+    fwd_lists=fl if reuse_lists else None,
   )
 
   def ref(q, k, v):
@@ -168,10 +173,10 @@ def _kernel_and_reference(q, k, v, do, dlse, segment_ids, layout, *, mask, inter
   return (out, lse, g), (r_out, r_lse, vjp((do, dlse)))
 
 
-def _interpret(q, k, v, do, dlse, segment_ids, layout, *, mask):
+def _interpret(q, k, v, do, dlse, segment_ids, layout, *, mask, reuse_lists=True):
   """`_kernel_and_reference` in interpret mode, jitted whole: one XLA program instead of ~200 eager ones (the list
   building, the reference and its vjp op by op): a fifth to a third less CPU time on these tests."""
-  run = jax.jit(functools.partial(_kernel_and_reference, mask=mask, interpret=True))
+  run = jax.jit(functools.partial(_kernel_and_reference, mask=mask, interpret=True, reuse_lists=reuse_lists))
   return run(q, k, v, do, dlse, segment_ids, layout)
 
 
@@ -235,7 +240,7 @@ def test_interpret_hot_column_split(monkeypatch, nh):
   items = np.asarray(sparse_schedule.dkv_items(bwd, shp, hq, hkv)[0])
   assert np.sum(items[0, 0, 3] >= 0) >= 2  # the sink's run is cut into chunks with partial slots
   q, k, v, do, dlse, _ = _inputs(jax.random.key(11), 1, t, t, hq, hkv, 64, jnp.bfloat16, False)
-  kernel, ref = _interpret(q, k, v, do, dlse, None, lay, mask=MaskSpec.bidirectional())
+  kernel, ref = _interpret(q, k, v, do, dlse, None, lay, mask=MaskSpec.bidirectional(), reuse_lists=nh == 1)
   _compare(q, kernel, ref)
 
 
@@ -273,7 +278,7 @@ _LOWER_CASES = [
 
 @pytest.mark.parametrize("case", range(len(_LOWER_CASES)))
 @pytest.mark.parametrize("return_lse", [False, True])
-def test_cuda_cross_lowering_through_ops(case, return_lse):
+def test_cuda_cross_lowering_through_ops(case, return_lse, monkeypatch):
   dtype, d, mask, seg, hq, hkv, nh, bk = _LOWER_CASES[case]
   b, t, s = 2, 512, 1024
   nh = hq if nh == "hq" else nh
@@ -290,9 +295,14 @@ def test_cuda_cross_lowering_through_ops(case, return_lse):
     extra = jnp.sum(r[1]) if return_lse else 0.0
     return jnp.sum(out.astype(jnp.float32)) + extra
 
+  built = []  # the forward lists are built once: the backward gets them as a custom_vjp residual
+  fl = sparse_schedule.forward_lists
+  monkeypatch.setattr(sparse_schedule, "forward_lists", lambda *a: built.append(1) or fl(*a))
   text = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k, sg, idx, cnt).lower(lowering_platforms=("cuda",)).as_text()
+  assert len(built) == 1
   assert text.count("mosaic_gpu_v2") == 3  # forward, dQ, dK/dV; no dense fallback (it would have no kernel)
   assert "sort" in text  # the lists (and their transpose) are built on device
+  assert "stablehlo.while" not in text  # the binary searches are unrolled (a GPU while loop cost ~0.5 ms per call)
 
 
 # ---------------------------------------------------------------------------------------------------

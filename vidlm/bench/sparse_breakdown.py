@@ -12,12 +12,13 @@ a GPU (`gpu.sparse_forward.sparse_forward` / `gpu.sparse_backward.sparse_backwar
           dkv_items    sparse_schedule.dkv_items          dK/dV work items, split runs, partial slots
           dq_kernel    sparse_backward._dq_call           the dQ kernel
           dkv_kernel   sparse_backward._dkv_call          the dK/dV kernel (whole items + fp32 partials)
-          merge        sparse_schedule.merge_partials     dK and dV: partial sums (a lax.cond: skipped if no split)
+          merge        sparse_schedule.merge_partials     dK and dV: partial sums (one lax.cond: skipped if no
+                                                      split; standalone it also copies dK / dV, its parameters)
           fwd_total / bwd_total / fwd_bwd_total           sparse_forward, sparse_backward, both in one program
           ops_fwd_bwd  jit(grad) through pallas_kernels.ops (GPU only: what `vidlm bench sparse` times)
   dense   fwd_kernel (forward.flash_forward), bwd_prep, dq_kernel (backward._dq_call), dkv_kernel
           (backward.dkv_grads), bwd_total (flash_backward), fwd_bwd_total, ops_fwd_bwd
-sparse_backward rebuilds the forward lists (it gets only the layout), so its stages are lists_fwd + lists_bwd +
+sparse_backward takes the forward's lists (`ops` keeps them as custom_vjp residuals), so its stages are lists_bwd +
 dkv_items + bwd_prep + dq_kernel + dkv_kernel + merge; `stage_sum_ms` adds them that way, and
 `unaccounted_ms` = total - stage sum (launch gaps; negative where XLA fuses or overlaps stages in one program).
 
@@ -64,7 +65,7 @@ from vidlm.config import ConfigError
 GEMMS = {"fwd_kernel": 2, "dq_kernel": 3, "dkv_kernel": 4}  # 128 x 128 x D GEMMs per listed tile and query head
 DENSE_OF = {"fwd_kernel": "fwd_kernel", "bwd_prep": "bwd_prep", "dq_kernel": "dq_kernel", "dkv_kernel": "dkv_kernel"}
 SPARSE_FWD = ("lists_fwd", "fwd_kernel")
-SPARSE_BWD = ("lists_fwd", "lists_bwd", "dkv_items", "bwd_prep", "dq_kernel", "dkv_kernel", "merge")
+SPARSE_BWD = ("lists_bwd", "dkv_items", "bwd_prep", "dq_kernel", "dkv_kernel", "merge")
 DENSE_FWD, DENSE_BWD = ("fwd_kernel",), ("bwd_prep", "dq_kernel", "dkv_kernel")
 DUMP_ENV = "MOSAIC_GPU_DUMP_PTXAS"
 
@@ -95,14 +96,12 @@ def sparse_stages(mask, shp, hq: int, hkv: int, scale: float, interpret: bool, d
   kw = dict(mask=mask, scale=scale, interpret=interpret)
 
   def merge(dkv, extra):
-    dk, dv, pk, pv = dkv
     _, slot_run, run_block = extra
-    return (ss.merge_partials(dk, pk, slot_run, run_block, dk.dtype),
-            ss.merge_partials(dv, pv, slot_run, run_block, dv.dtype))
+    return ss.merge_partials(*dkv, slot_run, run_block)
 
-  def fwd_bwd(q, k, v, do, lay):
-    out, lse = sparse_forward(q, k, v, None, lay, **kw)
-    return out, sparse_backward(q, k, v, None, lay, out, lse, do, **kw)
+  def fwd_bwd(q, k, v, do, lay):  # what ops' custom_vjp runs: the backward walks the forward's lists
+    (out, lse), fl = sparse_forward(q, k, v, None, lay, return_lists=True, **kw)
+    return out, sparse_backward(q, k, v, None, lay, out, lse, do, fwd_lists=fl, **kw)
 
   stages = [
     Stage("lists_fwd", lambda lay: ss.forward_lists(mask, lay, shp), ("layout",), "fwd_lists"),
@@ -117,8 +116,9 @@ def sparse_stages(mask, shp, hq: int, hkv: int, scale: float, interpret: bool, d
           ("bwd_lists", "items", "q", "k", "v", "do", "delta_lse2"), "dkv", dump),
     Stage("merge", merge, ("dkv", "items")),
     Stage("fwd_total", lambda q, k, v, lay: sparse_forward(q, k, v, None, lay, **kw), ("q", "k", "v", "layout")),
-    Stage("bwd_total", lambda q, k, v, lay, ol, do: sparse_backward(q, k, v, None, lay, ol[0], ol[1], do, **kw),
-          ("q", "k", "v", "layout", "out_lse", "do")),
+    Stage("bwd_total", lambda q, k, v, lay, ol, do, fl: sparse_backward(q, k, v, None, lay, ol[0], ol[1], do,
+                                                                         fwd_lists=fl, **kw),
+          ("q", "k", "v", "layout", "out_lse", "do", "fwd_lists")),
     Stage("fwd_bwd_total", fwd_bwd, ("q", "k", "v", "do", "layout")),
   ]
   if with_ops:
@@ -339,7 +339,7 @@ def attribute(row: dict, dense: dict, target_eff: float = 0.85) -> dict:
   rho = row["density"]
   st, dn = row["stages"], dense["stages"]
   parts = []
-  for i, name in enumerate(SPARSE_FWD + SPARSE_BWD):  # lists_fwd twice: the backward rebuilds the forward lists
+  for i, name in enumerate(SPARSE_FWD + SPARSE_BWD):  # a name in both would be the backward's rebuild: "(bwd)"
     if "ms" not in st.get(name, {}):
       continue
     ideal = rho * dn[DENSE_OF[name]]["ms"] if name in DENSE_OF and "ms" in dn.get(DENSE_OF[name], {}) else 0.0
