@@ -272,22 +272,20 @@ class MemoryBridgeLM(nnx.Module):
     # learned initial memory; unit-scale and random so the M tokens start (and stay) distinct: they share the
     # bridge's position (0, 0, 0), and identical tokens would stay identical through every layer
     init = nnx.with_partitioning(nnx.initializers.normal(1.0), ("memory", "embed"))
+    def encoder_blocks(n: int):  # n scanned blocks of the bridge's width (per-frame or per-segment attention)
+      return scan.stack(
+        lambda r: DecoderBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_heads,
+                               head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
+                               rope_theta=m.rope_theta, rngs=r, **dt),
+        n, rngs,
+      )
+
     self.frame_layers = m.frame_layers
     if m.frame_layers:
-      self.frame_blocks = scan.stack(
-        lambda r: DecoderBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_heads,
-                               head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
-                               rope_theta=m.rope_theta, rngs=r, **dt),
-        m.frame_layers, rngs,
-      )
+      self.frame_blocks = encoder_blocks(m.frame_layers)
     self.segment_layers = m.segment_layers
     if m.segment_layers:
-      self.segment_blocks = scan.stack(
-        lambda r: DecoderBlock(embed_dim=m.embed_dim, num_heads=m.num_heads, num_kv_heads=m.num_heads,
-                               head_dim=m.head_dim, mlp_dim=m.bridge_mlp_dim, attention_kernel=a.kernel,
-                               rope_theta=m.rope_theta, rngs=r, **dt),
-        m.segment_layers, rngs,
-      )
+      self.segment_blocks = encoder_blocks(m.segment_layers)
     self.position_embed = m.position_embed
     if m.position_embed:
       _, gh, gw = config_lib.video_grid(cfg)
