@@ -23,8 +23,10 @@ the lse cotangent too (it only shifts the per-row delta: dS = P * (dP - delta + 
 `attention_forward` / `attention_backward` expose the same dispatch without the custom_vjp, for code that
 differentiates several kernel calls as one (ring attention feeds every hop's backward the merged out / lse).
 
-Residuals are (inputs, out, lse; on the GPU block-sparse path also the forward's kv lists), out / lse tagged with `checkpoint_name` ("flash_out", "flash_lse") so a remat policy
-such as `jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse")` keeps them.
+Residuals are (inputs, out, lse; on the GPU block-sparse path also the forward's kv lists), out / lse tagged with
+`checkpoint_name` ("flash_out", "flash_lse") so a remat policy such as
+`jax.checkpoint_policies.save_only_these_names("flash_out", "flash_lse")` keeps them (the lists are small and
+rebuilt under such a policy).
 """
 
 from __future__ import annotations
