@@ -70,6 +70,13 @@ from layers.partitioning import logical_to_spec
 
 HIDDEN = 2**30  # a seq_index past every query: the slot is stored but never attended (e.g. a dropped token)
 LAYER_FIELDS = ("k", "v", "store_k", "store_v", "rep", "picked")
+_ABSENT = 2**31 - 1  # the group of a slot not in the context: sorts after every real group
+
+
+def _rope_axes(is_text: jax.Array) -> jax.Array:
+  """The RoPE axes (t, h, w) a token moves along when groups before it are cut out: int32 [..., 3], (1, 1, 1) for
+  a text token (it sits at (p, p, p)), (1, 0, 0) for a video token (only its frame index t counts groups)."""
+  return jnp.stack([jnp.ones_like(is_text), is_text, is_text], -1).astype(jnp.int32)
 
 
 def _drop_set(x: jax.Array, rows, idx, vals) -> jax.Array:
@@ -357,21 +364,22 @@ class KVCache:
     by its first token) re-rotated to the scoring position of `_scores`: the group just before the window's
     oldest group g_w0, in the timeline the chunk will see (sinks, top_k blocks, window, chunk)."""
     spec, s = self.spec, self.max_len
-    big = jnp.int32(2**31 - 1)
     groups = self.context_seq[:, s::per]  # [B, M / per]
     text = self.context_text[:, s::per]
     vis = self.visible
-    ring = jnp.where(vis[:, spec.sink:s], self.context_seq[:, spec.sink:s], big)
-    first_slot = spec.slot(self.length)[:, None]
-    q_group = jnp.take_along_axis(self.seq_index, first_slot, 1)[:, 0]  # [B]
-    q_text = jnp.take_along_axis(self.text, first_slot, 1)[:, 0]
+    ring = jnp.where(vis[:, spec.sink:s], self.context_seq[:, spec.sink:s], _ABSENT)
+    q_group, q_text = (x[:, 0] for x in self._chunk_start())  # [B]
     g_w0 = jnp.minimum(ring.min(1), q_group)  # [B] the window's oldest group (the chunk's, when it is empty)
     sink_groups = jnp.max(jnp.where(vis[:, : spec.sink], self.context_seq[:, : spec.sink], -1), 1, initial=-1) + 1
     s_w0 = jnp.maximum(g_w0 - sink_groups - spec.top_k, 0)  # [B] missing groups before the window
     shift_k = groups - g_w0[:, None] + s_w0[:, None] + 1  # [B, M / per]
-    axes = lambda is_text: jnp.stack([jnp.ones_like(is_text), is_text, is_text], -1).astype(jnp.int32)  # noqa: E731
-    delta = s_w0[:, None, None] * axes(q_text)[:, None] - shift_k[..., None] * axes(text)  # [B, M / per, 3]
+    delta = s_w0[:, None, None] * _rope_axes(q_text)[:, None] - shift_k[..., None] * _rope_axes(text)  # [B, M / per, 3]
     return rope_lib.apply(keys, rope_lib.tables(delta, keys.shape[-1], self.rope_theta))
+
+  def _chunk_start(self) -> tuple[jax.Array, jax.Array]:
+    """(group [B, 1], is-text [B, 1]) of the append's first token (written by `record` before the layers attend)."""
+    first_slot = self.spec.slot(self.length)[:, None]
+    return jnp.take_along_axis(self.seq_index, first_slot, 1), jnp.take_along_axis(self.text, first_slot, 1)
 
   def _rerotate(self, k: jax.Array, groups: jax.Array, text: jax.Array, present: jax.Array) -> jax.Array:
     """spec.rope_positions="cache": k [B, C, H, G, D] (context keys at true positions; H = kv heads and G = 1
@@ -382,20 +390,18 @@ class KVCache:
     their true positions, exactly the relative positions of the remapped timeline. Missing groups are counted by
     sorting the present ones (O(C log C) per row and head)."""
     b, c, h = groups.shape
-    big = jnp.int32(2**31 - 1)
-    key = jnp.where(present, groups, big).transpose(0, 2, 1)  # [B, H, C]
+    key = jnp.where(present, groups, _ABSENT).transpose(0, 2, 1)  # [B, H, C]
     srt = jnp.sort(key, axis=-1)
-    first = (srt < big) & (srt != jnp.concatenate([jnp.full((b, h, 1), -1, jnp.int32), srt[..., :-1]], -1))
+    first = (srt < _ABSENT) & (srt != jnp.concatenate([jnp.full((b, h, 1), -1, jnp.int32), srt[..., :-1]], -1))
     distinct = jnp.cumsum(first, axis=-1, dtype=jnp.int32)  # [B, H, C] distinct present groups <= srt[j]
-    below = jax.vmap(jax.vmap(lambda a, v: jnp.searchsorted(a, v, side="left")))(srt, groups.transpose(0, 2, 1))
+    # unrolled: the default `scan` method is a device while loop, one iteration per level (gpu/NOTES.md, fifth round)
+    search = lambda a, v: jnp.searchsorted(a, v, side="left", method="scan_unrolled")  # noqa: E731
+    below = jax.vmap(jax.vmap(search))(srt, groups.transpose(0, 2, 1))
     present_below = jnp.where(below > 0, jnp.take_along_axis(distinct, jnp.maximum(below - 1, 0), -1), 0)
     shift_k = jnp.where(present, groups - present_below.transpose(0, 2, 1), 0)  # [B, C, H]
-    first_slot = self.spec.slot(self.length)[:, None]  # [B, 1] the append's first token (written by record)
-    q_group = jnp.take_along_axis(self.seq_index, first_slot, 1)  # [B, 1]
-    q_text = jnp.take_along_axis(self.text, first_slot, 1)  # [B, 1]
+    q_group, q_text = self._chunk_start()  # [B, 1]
     shift_q = (q_group - distinct[..., -1])[:, None, :]  # [B, 1, H]: missing groups before the chunk
-    axes = lambda is_text: jnp.stack([jnp.ones_like(is_text), is_text, is_text], -1).astype(jnp.int32)  # noqa: E731
-    delta = shift_q[..., None] * axes(q_text)[:, :, None] - shift_k[..., None] * axes(text)  # [B, C, H, 3]
+    delta = shift_q[..., None] * _rope_axes(q_text)[:, :, None] - shift_k[..., None] * _rope_axes(text)  # [B, C, H, 3]
     rope = rope_lib.tables(delta.reshape(b, c * h, 3), k.shape[-1], self.rope_theta)  # [B, C*H, D/2]
     rotated = rope_lib.apply(k.reshape(b, c * h, *k.shape[3:]), rope)
     return rotated.reshape(k.shape)

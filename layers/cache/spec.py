@@ -68,11 +68,9 @@ class CacheSpec:
     """One line naming the field that is wrong (None: fine)."""
     if self.kind not in KINDS:
       return f"cache.kind={self.kind!r}: expected one of {' | '.join(KINDS)}"
-    for name, allowed in (("score", SCORES), ("select", SELECTS)):
+    for name, allowed in (("score", SCORES), ("select", SELECTS), ("rope_positions", ROPE_POSITIONS)):
       if getattr(self, name) not in allowed:
         return f"cache.{name}={getattr(self, name)!r}: expected one of {' | '.join(allowed)}"
-    if self.rope_positions not in ROPE_POSITIONS:
-      return f"cache.rope_positions={self.rope_positions!r}: expected one of {' | '.join(ROPE_POSITIONS)}"
     if self.kind == "full":
       return None if self.capacity >= 1 else f"cache.capacity={self.capacity}: a full cache needs >= 1 slot"
     if self.sink < 0:
