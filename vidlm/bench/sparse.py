@@ -88,7 +88,8 @@ def name_list(choices: tuple[str, ...]):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _loss_grad(f):
+def loss_grad(f):
+  """jit-able grad over (q, k, v) of sum(f(q, k, v, ...) * dO): the fwd+bwd program the sparse benches time."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
@@ -177,7 +178,7 @@ def check_kernel(mask_name: str, mask, t: int, hq: int, hkv: int, d: int, block:
                                layout=lay)
 
   def both(q, k, v, do, lay):
-    return (kernel(q, k, v, lay), *_loss_grad(kernel)(q, k, v, do, lay)), (ref(q, k, v, lay), *_loss_grad(ref)(q, k, v, do, lay))
+    return (kernel(q, k, v, lay), *loss_grad(kernel)(q, k, v, do, lay)), (ref(q, k, v, lay), *loss_grad(ref)(q, k, v, do, lay))
 
   # the fp32 reference's dots would each run XLA's GEMM autotuner on a GPU (seconds each): off for the check
   opts = {"xla_gpu_autotune_level": 0} if jax.default_backend() == "gpu" else None
@@ -254,7 +255,7 @@ def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline
     return (q, k, v, *extra) if mode == "fwd" else (q, k, v, do, *extra)
 
   def program(f, mode, *extra):
-    return (f if mode == "fwd" else _loss_grad(f)), args_for(mode, *extra)
+    return (f if mode == "fwd" else loss_grad(f)), args_for(mode, *extra)
 
   # phase 1: compile the anchors and the selectors
   impls = {"dense": lambda q, k, v: ops.flash_attention(q, k, v, mask=mask)}
@@ -293,7 +294,7 @@ def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline
       row["dense_vs_cudnn"] = row["cudnn_ms"] / row["dense_ms"]
     out["anchors"].append(row)
     print(_fmt_anchor(row), flush=True)
-  _dump(a.out, out)
+  write_json(a.out, out)
 
   # layouts (selectors timed here), then phase 2: compile every sparse program
   layouts: dict = {}
@@ -340,7 +341,7 @@ def run_length(t: int, mask_name: str, a, hq: int, hkv: int, out: dict, deadline
       key = sparse_key(mode, layouts[i])
       out["rows"].append(_time_case(case, mode, progs, key, args_for(mode, layouts[i]), anchor_ms, a))
       print(_fmt_row(out["rows"][-1]), flush=True)
-    _dump(a.out, out)
+    write_json(a.out, out)
 
 
 def _time_case(case: dict, mode: str, progs: Programs, key, args, anchor_ms: dict, a) -> dict:
@@ -406,7 +407,7 @@ def _fmt_anchor(r: dict) -> str:
   )
 
 
-def _dump(path: str, out: dict) -> None:
+def write_json(path: str, out: dict) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:
     json.dump(out, f, indent=1)
@@ -502,7 +503,7 @@ def _main(argv: list[str] | None) -> int:
       failed |= not chk["ok"]
       out["checks"].append(chk)
       print("check", json.dumps(chk), flush=True)
-      _dump(a.out, out)
+      write_json(a.out, out)
   for t in a.seqlens:
     hq = heads_for(t, a.heads)
     for mask_name in a.masks:
@@ -519,7 +520,7 @@ def _main(argv: list[str] | None) -> int:
     print(f"not run ({len(out['not_run'])} cases): --budget-s reached")
   if failed:
     print(f"CHECK FAILED: the sparse kernel differs from the fp32 reference by more than {CHECK_TOL} (see checks)")
-  _dump(a.out, out)
+  write_json(a.out, out)
   print(f"wrote {a.out}")
   return 1 if failed else 0
 

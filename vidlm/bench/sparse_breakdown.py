@@ -58,7 +58,7 @@ from collections.abc import Callable
 import numpy as np
 
 from vidlm.bench import sparse_layouts as sl
-from vidlm.bench.sparse import Programs, float_list
+from vidlm.bench.sparse import Programs, float_list, loss_grad, write_json
 from vidlm.cli import UsageParser
 from vidlm.config import ConfigError
 
@@ -122,7 +122,7 @@ def sparse_stages(mask, shp, hq: int, hkv: int, scale: float, interpret: bool, d
     Stage("fwd_bwd_total", fwd_bwd, ("q", "k", "v", "do", "layout")),
   ]
   if with_ops:
-    stages.append(Stage("ops_fwd_bwd", _ops_grad(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)),
+    stages.append(Stage("ops_fwd_bwd", loss_grad(lambda q, k, v, lay: ops.flash_attention(q, k, v, mask=mask, layout=lay)),
                         ("q", "k", "v", "do", "layout")))
   return stages
 
@@ -151,21 +151,9 @@ def dense_stages(mask, d: int, scale: float, interpret: bool, dump: bool, with_o
     Stage("fwd_bwd_total", fwd_bwd, ("q", "k", "v", "do")),
   ]
   if with_ops:
-    stages.append(Stage("ops_fwd_bwd", _ops_grad(lambda q, k, v: ops.flash_attention(q, k, v, mask=mask)),
+    stages.append(Stage("ops_fwd_bwd", loss_grad(lambda q, k, v: ops.flash_attention(q, k, v, mask=mask)),
                         ("q", "k", "v", "do")))
   return stages
-
-
-def _ops_grad(f):
-  """jit(grad) of sum(f(q, k, v, ...) * dO) over q, k, v: the program `vidlm bench sparse` times as fwd+bwd."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  def g(q, k, v, do, *rest):
-    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *rest).astype(jnp.float32) * do.astype(jnp.float32)),
-                    argnums=(0, 1, 2))(q, k, v)
-
-  return g
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -466,7 +454,7 @@ def _main(argv: list[str] | None) -> int:
     st = run_pipeline("dense", dense_stages(mask, d, scale, not on_gpu, True, on_gpu), env, progs, a, dump_file)
     annotate(st, allowed * hq, d, bs, {}, n_sm)
     out["dense"] = {"tiles": allowed * hq, "stages": st, "sums": stage_sums(st, DENSE_FWD, DENSE_BWD)}
-    _dump(a.out, out)
+    write_json(a.out, out)
 
   for i, rho in enumerate(a.densities):
     layout = sl.random_layout(jax.random.fold_in(ks[4], i), mask, rho, t, t, bs, bs, hkv, hq)
@@ -494,7 +482,7 @@ def _main(argv: list[str] | None) -> int:
       out["attribution"].append({"density": row["density"], **attribute(row, out["dense"])})
     out["sparse"].append(row)
     del env
-    _dump(a.out, out)
+    write_json(a.out, out)
 
   if len(out["sparse"]) >= 2:
     out["fit"] = fit(out["sparse"], n_sm)
@@ -502,7 +490,7 @@ def _main(argv: list[str] | None) -> int:
     out["ptxas"] = parse_ptxas(dump_file)
     out["meta"]["ptxas_file"] = dump_file
   out["meta"]["wall_s"] = time.monotonic() - start
-  _dump(a.out, out)
+  write_json(a.out, out)
   _print_summary(out)
   print(f"wrote {a.out}")
   return 0
@@ -530,12 +518,6 @@ def _print_summary(out: dict) -> None:
             f"(over by {att['over_target_ms']:.2f}); excess over rho x dense: "
             + ", ".join(f"{p['stage']} {p['excess_ms']:.2f}" for p in att["parts"][:4])
             + f", unaccounted {att['unaccounted_ms']:.2f}")
-
-
-def _dump(path: str, out: dict) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":
