@@ -20,9 +20,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def stem_patch_ok(patch: int) -> bool:
+  """Whether the stem can make patches of this size: a power of two >= 2 (it halves the resolution per conv)."""
+  return patch >= 2 and not patch & (patch - 1)
+
+
 def stem_downsamplings(patch: int) -> int:
-  """log2(patch) for a power of two >= 2; ValueError otherwise (the stem halves the resolution per conv)."""
-  if patch < 2 or patch & (patch - 1):
+  """log2(patch) for a patch size the stem takes; ValueError otherwise."""
+  if not stem_patch_ok(patch):
     raise ValueError(f"conv stem: the patch size must be a power of two >= 2, got {patch}")
   return patch.bit_length() - 1
 

@@ -58,6 +58,7 @@ from layers.memory import (
   strided_frame_table,
   strided_segment_count,
 )
+from layers.memory.stem import stem_patch_ok
 from layers.mlp import SwiGLU
 from layers.norm import RMSNorm
 from pallas_kernels.layout import MaskSpec
@@ -158,8 +159,7 @@ class MemoryBridgeConfig(config_lib.ModelSection):
          "must be an integer >= 1")
     if m.patch_embed == "conv":
       t, th, tw = m.tubelet
-      pow2 = th == tw and th >= 2 and not th & (th - 1)
-      need(t == 1 and pow2, "model.tubelet", m.tubelet,
+      need(t == 1 and th == tw and stem_patch_ok(th), "model.tubelet", m.tubelet,
            "must be (1, p, p) with p a power of two >= 2 for model.patch_embed=conv (the stem halves H and W per conv)")
 
   def validate(self, cfg: config_lib.Config, *, num_devices: int | None = None, platform: str | None = None) -> None:
@@ -288,7 +288,7 @@ class MemoryBridgeLM(nnx.Module):
       self.segment_blocks = encoder_blocks(m.segment_layers)
     self.position_embed = m.position_embed
     if m.position_embed:
-      _, gh, gw = config_lib.video_grid(cfg)
+      gh, gw = self._grid
       small = nnx.initializers.normal(0.02)
       small = nnx.with_partitioning(small, (None, "embed"))
       self.spatial_embed = nnx.Param(small(rngs.params(), (gh * gw, m.embed_dim), param_dtype))
