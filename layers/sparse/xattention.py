@@ -8,8 +8,19 @@ probabilities that are summed per kv block and over the query heads of a GQA gro
 Selection per q-block row: blocks by descending score, keep the shortest prefix whose mass reaches tau of the
 row's total, at most `max_kv_blocks` (static shapes); block 0 (sink) and the q block's own (diagonal) blocks are
 always kept. Width: max_kv_blocks + 1 + own blocks.
-Memory: the estimator runs one q block at a time (`lax.map`), so its largest array is
-[B, Hkv, G, block_q / S, S_len / S]; nothing of size T x S_len or nQ x S_len / S exists at once.
+
+Precision: the strided product takes its operands in the input dtype (bf16 stays bf16, fp32 stays fp32) and
+accumulates in fp32 at the default precision. The selection is not differentiated and only ranks blocks, so it
+needs no fp32 operands (XAttention's own implementation scores in half precision); fp32 operands at HIGHEST run
+on an H100/H200's CUDA cores or as multi-pass emulation, ~10x slower than bf16 tensor cores.
+
+Loop and memory: the estimator walks the q blocks `blocks_per_step` at a time (`lax.map(..., batch_size=G_q)`,
+nQ / G_q sequential steps; one q block per step made the loop overhead dominate on GPU: 1024 steps at 128k).
+A step's largest array is its fp32 strided logits [G_q, B, Hkv, G, block_q / S, S_len / S]; G_q is the largest
+count whose logits fit in both SCORE_BUDGET_BYTES and the size of q itself (static, from the shapes), so nothing
+of size T x S_len, nor nQ x S_len / S beyond that budget, exists at once. The softmax and block sums fuse around
+it, so a step's peak is a small multiple of the budget. At 128k tokens, Hq = 4, hd 128, block_q 128, S 8: one
+q block's logits are 4 MiB, G_q = 64, 16 steps; at 1M tokens 32 MiB each, G_q = 8.
 """
 
 from __future__ import annotations
@@ -21,6 +32,15 @@ import jax.numpy as jnp
 
 from layers.sparse import common
 from pallas_kernels.layout import MaskSpec
+
+SCORE_BUDGET_BYTES = 256 << 20  # cap on one loop step's fp32 strided logits [G_q, B, Hkv, G, block_q / S, S_len / S]
+
+
+def blocks_per_step(n_q: int, block_logits: int, q_elements: int) -> int:
+  """G_q: q blocks scored per loop step, so that G_q * block_logits (fp32 elements of one q block's strided
+  logits) stays within SCORE_BUDGET_BYTES and within q's own element count; at least 1, at most nQ."""
+  cap = min(SCORE_BUDGET_BYTES // 4, q_elements) // max(block_logits, 1)
+  return max(1, min(n_q, cap))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,20 +59,18 @@ class XAttentionSelector(common.Selector):
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
     g, n_q, n_k, r, c = hq // hkv, t // bq, s // bk, bq // st, s // st
-    # wide queries (phase reversed) and keys: [B, T/S, Hq, S*D], [B, S_len/S, Hkv, S*D]
-    q_w = jnp.swapaxes(q.reshape(b, t // st, st, hq, d)[:, :, ::-1], 2, 3).reshape(b, n_q, r, hkv, g, st * d)
-    k_w = jnp.swapaxes(k.reshape(b, c, st, hkv, d), 2, 3).reshape(b, c, hkv, st * d)
-    q_w = jnp.moveaxis(q_w, 1, 0)  # [nQ, B, r, Hkv, G, S*D]
+    # wide queries (phase reversed) and keys, input dtype: [nQ, B, Hkv, G, r, S*D], [B, Hkv, S_len/S, S*D]
+    q_w = q.reshape(b, n_q, r, st, hkv, g, d)[:, :, :, ::-1]
+    q_w = jnp.transpose(q_w, (1, 0, 4, 5, 2, 3, 6)).reshape(n_q, b, hkv, g, r, st * d)
+    k_w = jnp.transpose(k.reshape(b, c, st, hkv, d), (0, 3, 1, 2, 4)).reshape(b, hkv, c, st * d)
     scale = d**-0.5 / st
     diag_idx, diag_ok = common.diagonal_candidates(n_q, n_k, bq, bk)
     m = min(self.max_kv_blocks, n_k)
     col_first = jnp.arange(c, dtype=jnp.int32) * st
 
-    def one_block(args):
-      qi, qb = args  # q block index, its wide queries [B, r, Hkv, G, S*D]
-      logits = jnp.einsum(
-        "brkgx,bckx->bkgrc", qb.astype(jnp.float32), k_w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-      ) * scale
+    def one_block(args):  # vmapped over the G_q q blocks of a step
+      qi, qb = args  # q block index, its wide queries [B, Hkv, G, r, S*D]
+      logits = jnp.einsum("bkgrx,bkcx->bkgrc", qb, k_w, preferred_element_type=jnp.float32) * scale
       row_last = qi * bq + jnp.arange(r, dtype=jnp.int32) * st + st - 1
       # a strided cell is visible when its most permissive element is (exact for the monotone mask kinds)
       vis = mask.allowed(mask.q_offset + row_last[:, None], mask.kv_offset + col_first[None, :])  # [r, c]
@@ -73,5 +91,7 @@ class XAttentionSelector(common.Selector):
       ok = jnp.concatenate([keep, jnp.broadcast_to(forced_ok, (b, hkv, forced.size))], axis=-1)
       return common.compact(idx, ok, n_k)
 
-    idx, cnt = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), q_w))  # [nQ, B, Hkv, W], [nQ, B, Hkv]
+    g_q = blocks_per_step(n_q, b * hq * r * c, q.size)
+    # [nQ, B, Hkv, W], [nQ, B, Hkv]; nQ / G_q sequential steps (a remainder runs as one more batch)
+    idx, cnt = jax.lax.map(one_block, (jnp.arange(n_q, dtype=jnp.int32), q_w), batch_size=g_q)
     return jnp.moveaxis(idx, 0, 2), jnp.moveaxis(cnt, 0, 2)

@@ -205,3 +205,76 @@ def test_attention_with_selected_layout_matches_reference(method):
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
     assert np.all(np.isfinite(a)), name
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{method} {name}")
+
+
+def xattention_oracle(sel, q, k, mask) -> np.ndarray:
+  """The xattention selector before its GPU speed-up (issue 11), one q block at a time in fp32 at HIGHEST precision,
+  selection in plain Python: a set of kv blocks per [B, Hkv, nQ]. The batched selector must list exactly these."""
+  bq, bk, st = sel.block_q, sel.block_kv, sel.stride
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  g, n_q, n_k, r, c = hq // hkv, t // bq, s // bk, bq // st, s // st
+  q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  q_w = jnp.swapaxes(q.reshape(b, t // st, st, hq, d)[:, :, ::-1], 2, 3).reshape(b, n_q, r, hkv, g, st * d)
+  k_w = jnp.swapaxes(k.reshape(b, s // st, st, hkv, d), 2, 3).reshape(b, c, hkv, st * d)
+  out = np.empty((b, hkv, n_q), object)
+  for i in range(n_q):
+    logits = jnp.einsum("brkgx,bckx->bkgrc", q_w[:, i], k_w, precision=jax.lax.Precision.HIGHEST) / (d**0.5 * st)
+    rows = mask.q_offset + i * bq + np.arange(r) * st + st - 1  # each strided row's last query
+    cols = mask.kv_offset + np.arange(c) * st  # each strided column's first key
+    logits = jnp.where(mask.allowed(rows[:, None], cols[None, :]), logits, -jnp.inf)
+    mx = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    score = np.asarray(p.sum(axis=(2, 3)).reshape(b, hkv, n_k, bk // st).sum(-1))  # [B, Hkv, nK]
+    visible = np.broadcast_to(np.asarray(mask.tile_relation(i * bq, np.arange(n_k) * bk, bq, bk)) != 0, (n_k,))  # not EMPTY
+    own = set(range((i * bq) // bk, ((i + 1) * bq - 1) // bk + 1))
+    for h in np.ndindex(b, hkv):
+      ranked = [j for j in sorted(range(n_k), key=lambda j: -score[h][j]) if visible[j]][: sel.max_kv_blocks]
+      total, before, kept = sum(score[h][j] for j in range(n_k) if visible[j]), 0.0, set()
+      for j in ranked:  # the shortest prefix reaching tau of the row's mass
+        if before >= sel.tau * total:
+          break
+        kept.add(j)
+        before += score[h][j]
+      out[h + (i,)] = kept | {j for j in own | {0} if visible[j]}
+  return out
+
+
+XATTENTION_CASES = {  # name: (T, S, hq, hkv, block_q, block_kv, stride, mask)
+  "frame_causal": (192, 192, 4, 2, 16, 16, 4, MASKS["frame_causal"]),
+  "causal_bq32_bk16": (192, 192, 2, 1, 32, 16, 8, MASKS["causal"]),
+  "bidirectional_bq16_bk32": (192, 192, 4, 4, 16, 32, 4, MASKS["bidirectional"]),
+  "window_shifted_kv_longer": (128, 256, 4, 2, 16, 16, 4, MaskSpec.window(40, 8).shifted(q_offset=128)),
+}
+
+
+@pytest.mark.parametrize("budget_blocks", [1, 5, None])  # q blocks per loop step: one, with a remainder, all
+@pytest.mark.parametrize("case", list(XATTENTION_CASES))
+def test_xattention_batched_equals_per_block_oracle(case, budget_blocks, monkeypatch):
+  """Scoring several q blocks per step in the input dtype lists the same blocks as the per-block fp32 original."""
+  from layers.sparse import xattention
+
+  t, s, hq, hkv, bq, bk, st, mask = XATTENTION_CASES[case]
+  q, _ = qk(t=t, hq=hq, hkv=hkv, seed=3)
+  _, k = qk(t=s, hq=hq, hkv=hkv, seed=4)
+  sel = make_selector(cfg("xattention", block_q=bq, block_kv=bk, stride=st, tau=0.6, max_kv_blocks=5), num_layers=1)
+  n_q, block_logits = t // bq, q.shape[0] * hq * (bq // st) * (s // st)
+  if budget_blocks is not None:  # the step size follows SCORE_BUDGET_BYTES
+    monkeypatch.setattr(xattention, "SCORE_BUDGET_BYTES", budget_blocks * block_logits * 4)
+  assert xattention.blocks_per_step(n_q, block_logits, q.size) == min(budget_blocks or n_q, n_q)
+  idx, cnt = jax.jit(lambda q, k: sel.lists(q, k, mask, 0))(q, k)
+  want = xattention_oracle(sel, q, k, mask)
+  assert idx.shape[:3] == want.shape and cnt.shape == want.shape
+  assert_lists_equal(idx, cnt, want, case)
+  assert 0 < np.asarray(cnt).mean() < s // bk  # sparse, not empty
+  if case == "frame_causal":  # bf16 operands: products exact in fp32, sums in fp32; the same lists on these inputs
+    q16, k16 = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    assert_lists_equal(*sel.lists(q16, k16, mask, 0), xattention_oracle(sel, q16, k16, mask), case + " bf16")
+
+
+def assert_lists_equal(idx, cnt, want, case):
+  idx, cnt = np.asarray(idx), np.asarray(cnt)
+  for pos in np.ndindex(want.shape):
+    row = idx[pos][: cnt[pos]]
+    assert np.all(np.diff(row) > 0) and set(row.tolist()) == want[pos], (case, pos, row, want[pos])
