@@ -16,8 +16,8 @@ on an H100/H200's CUDA cores or as multi-pass emulation, ~10x slower than bf16 t
 
 Loop and memory: the estimator walks the q blocks G_q at a time (`lax.map(..., batch_size=G_q)`, vmapped body,
 nQ / G_q sequential steps; one q block per step meant 1024 sequential steps of small kernels at 128k, where the
-selector measured 7.6x the dense attention forward on an H200; this version 32-34 %, BENCHMARKS.md). A step's largest array is its fp32 strided logits
-[G_q, B, Hkv, G, block_q / S, S_len / S]. `blocks_per_step` picks the largest G_q whose logits fit both in
+selector measured 7.6x the dense attention forward on an H200; this version 32-34 %, BENCHMARKS.md). A step's
+largest array is its fp32 strided logits [G_q, B, Hkv, G, block_q / S, S_len / S]. `blocks_per_step` picks the largest G_q whose logits fit both in
 SCORE_BUDGET_BYTES and in q's element count (static, from the shapes; the second cap keeps the selectors' rule
 that no intermediate outgrows the inputs, and means G_q <= D * S^2 / block_q when T = S_len), so nothing of size
 T x S_len, nor nQ x S_len / S beyond that budget, exists at once; the masked softmax and block sums that follow
