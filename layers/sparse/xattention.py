@@ -14,16 +14,16 @@ accumulates in fp32 at the default precision. The selection is not differentiate
 needs no fp32 operands (XAttention's own implementation scores in half precision); fp32 operands at HIGHEST run
 on an H100/H200's CUDA cores or as multi-pass emulation, ~10x slower than bf16 tensor cores.
 
-Loop and memory: the estimator walks the q blocks G_q at a time (`lax.map(..., batch_size=G_q)`, vmapped body,
-nQ / G_q sequential steps; one q block per step meant 1024 sequential steps of small kernels at 128k, where the
-selector measured 7.6x the dense attention forward on an H200; this version 32-34 %, BENCHMARKS.md). A step's
-largest array is its fp32 strided logits [G_q, B, Hkv, G, block_q / S, S_len / S]. `blocks_per_step` picks the largest G_q whose logits fit both in
-SCORE_BUDGET_BYTES and in q's element count (static, from the shapes; the second cap keeps the selectors' rule
-that no intermediate outgrows the inputs, and means G_q <= D * S^2 / block_q when T = S_len), so nothing of size
-T x S_len, nor nQ x S_len / S beyond that budget, exists at once; the masked softmax and block sums that follow
-are elementwise / reductions over the same array. At 128k tokens, Hq = 4, hd 128, block_q 128, S 8: one q
-block's logits are 4 MiB, G_q = 64, 16 steps; at 1M tokens 32 MiB each, G_q = 8, 1024 steps of 8x the work.
-A remainder (nQ not a multiple of G_q) runs as one more vmapped batch.
+Loop and memory: the estimator walks the q blocks G_q at a time (`lax.map(..., batch_size=G_q)`, vmapped body, nQ /
+G_q sequential steps; one q block per step meant 1024 sequential steps of small kernels at 128k, where the selector
+measured 7.6x the dense attention forward on an H200; this version 32-34 %, BENCHMARKS.md). A step's largest array
+is its fp32 strided logits [G_q, B, Hkv, G, block_q / S, S_len / S]. `blocks_per_step` picks the largest G_q whose
+logits fit both in SCORE_BUDGET_BYTES and in q's element count (static, from the shapes; the second cap keeps the
+selectors' rule that no intermediate outgrows the inputs, and means G_q <= D * S^2 / block_q when T = S_len), so
+nothing of size T x S_len, nor nQ x S_len / S beyond that budget, exists at once; the masked softmax and block sums
+that follow are elementwise / reductions over the same array. At 128k tokens, Hq = 4, hd 128, block_q 128, S 8: one
+q block's logits are 4 MiB, G_q = 64, 16 steps; at 1M tokens 32 MiB each, G_q = 8, 1024 steps of 8x the work. A
+remainder (nQ not a multiple of G_q) runs as one more vmapped batch.
 """
 
 from __future__ import annotations
