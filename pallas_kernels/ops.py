@@ -240,15 +240,22 @@ def _reference_backward(q, k, v, segment_ids, layout, out, lse, dout, dlse, *, m
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _forward(st: _Static, q, k, v, segment_ids, layout):
+def _forward(st: _Static, q, k, v, segment_ids, layout, return_lists: bool = False):
+  """(out, lse); with return_lists ((out, lse), lists): the GPU block-sparse forward's kv lists (a residual: the
+  backward's dQ walks the same lists and dK/dV their transpose, so it need not build them again), None elsewhere."""
+  if st.backend == "gpu" and layout is not None:
+    from pallas_kernels.gpu.sparse_forward import sparse_forward  # noqa: PLC0415  (importable: _plan checked)
+
+    return sparse_forward(q, k, v, segment_ids, layout, mask=st.mask, scale=st.scale, return_lists=return_lists)
+  out_lse = _forward_without_lists(st, q, k, v, segment_ids, layout)
+  return (out_lse, None) if return_lists else out_lse
+
+
+def _forward_without_lists(st: _Static, q, k, v, segment_ids, layout):
   if st.backend == "reference":
     return reference.attention(
       q, k, v, mask=st.mask, segment_ids=segment_ids, layout=layout, scale=st.scale, return_lse=True
     )
-  if st.backend == "gpu" and layout is not None:
-    from pallas_kernels.gpu.sparse_forward import sparse_forward  # noqa: PLC0415  (importable: _plan checked)
-
-    return sparse_forward(q, k, v, segment_ids, layout, mask=st.mask, scale=st.scale)
   if st.backend == "gpu":
     return _gpu_module().flash_forward(q, k, v, segment_ids, mask=st.mask, scale=st.scale, config=st.config)
   return tpu_flash.flash_forward(
@@ -296,15 +303,8 @@ def _zero_cotangent(x):
 
 
 def _fwd_common(st, q, k, v, segment_ids, layout):
-  """(out, lse, lists): lists = the GPU block-sparse forward's kv lists (a residual: the backward's dQ walks the
-  same lists and dK/dV their transpose, so it need not build them again), None on every other path."""
-  lists = None
-  if st.backend == "gpu" and layout is not None:
-    from pallas_kernels.gpu.sparse_forward import sparse_forward  # noqa: PLC0415  (importable: _plan checked)
-
-    (out, lse), lists = sparse_forward(q, k, v, segment_ids, layout, mask=st.mask, scale=st.scale, return_lists=True)
-  else:
-    out, lse = _forward(st, q, k, v, segment_ids, layout)
+  """(out, lse, lists) for the custom_vjp residuals; lists as in `_forward`."""
+  (out, lse), lists = _forward(st, q, k, v, segment_ids, layout, return_lists=True)
   out = checkpoint_name(out, "flash_out")
   lse = checkpoint_name(lse, "flash_lse")
   return out, lse, lists
