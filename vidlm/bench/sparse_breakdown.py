@@ -327,12 +327,11 @@ def attribute(row: dict, dense: dict, target_eff: float = 0.85) -> dict:
   rho = row["density"]
   st, dn = row["stages"], dense["stages"]
   parts = []
-  for i, name in enumerate(SPARSE_FWD + SPARSE_BWD):  # a name in both would be the backward's rebuild: "(bwd)"
+  for name in SPARSE_FWD + SPARSE_BWD:  # disjoint: the backward walks the forward's lists, it does not rebuild them
     if "ms" not in st.get(name, {}):
       continue
     ideal = rho * dn[DENSE_OF[name]]["ms"] if name in DENSE_OF and "ms" in dn.get(DENSE_OF[name], {}) else 0.0
-    label = f"{name} (bwd)" if name in SPARSE_FWD and i >= len(SPARSE_FWD) else name
-    parts.append({"stage": label, "ms": st[name]["ms"], "ideal_ms": ideal, "excess_ms": st[name]["ms"] - ideal})
+    parts.append({"stage": name, "ms": st[name]["ms"], "ideal_ms": ideal, "excess_ms": st[name]["ms"] - ideal})
   out: dict = {"parts": sorted(parts, key=lambda p: -p["excess_ms"])}
   if "ms" in st.get("fwd_bwd_total", {}) and "ms" in dn.get("fwd_bwd_total", {}):
     total, dense_total = st["fwd_bwd_total"]["ms"], dn["fwd_bwd_total"]["ms"]
